@@ -1,0 +1,378 @@
+"""The declarative configuration: typed, validated once at load time.
+
+Precedence is explicit and lives in one function, `load_config`: built-in defaults < the YAML
+file < `key=value` overrides from the command line.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mtlrec.errors import ConfigError
+
+TaskKind = Literal["interaction", "user", "item", "item_pair"]
+TaskType = Literal["binary", "multiclass", "multilabel", "regression"]
+FeatureType = Literal["categorical", "numeric", "multi_categorical", "sequence"]
+TableName = Literal["interactions", "users", "items"]
+
+#: The table a task of each kind reads its label from.
+TASK_TABLE: dict[str, str] = {
+    "interaction": "interactions",
+    "user": "users",
+    "item": "items",
+    "item_pair": "item_pairs",
+}
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors; configs are frozen once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitConfig(_Strict):
+    """How rows are divided into train / validation / test. Encoders see only the train rows."""
+
+    method: Literal["random", "time", "leave_last_out"] = "random"
+    valid: float = Field(0.1, ge=0.0, lt=1.0)
+    test: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.valid + self.test >= 1.0:
+            raise ValueError(f"valid + test must be < 1, got {self.valid} + {self.test}")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the four kinds of table are and how their key columns are named.
+
+    Paths are relative to the config file's folder. Only `interactions` is required; tasks exist
+    only for the tables given.
+    """
+
+    interactions: str
+    users: str | None = None
+    items: str | None = None
+    item_pairs: str | None = None
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str | None = None
+    item_a: str = "item_a"
+    item_b: str = "item_b"
+    id_min_count: int = Field(1, ge=1)
+    split: SplitConfig = SplitConfig()
+
+    def table_paths(self) -> dict[str, str]:
+        """Name -> path of every table given."""
+        paths = {"interactions": self.interactions, "users": self.users, "items": self.items,
+                 "item_pairs": self.item_pairs}
+        return {name: path for name, path in paths.items() if path is not None}
+
+
+class FeatureConfig(_Strict):
+    """One input feature.
+
+    `table` says where the column lives: `users` and `items` features describe the entity,
+    `interactions` features are context (hour, device). A `sequence` feature is the user's last
+    `max_len` items strictly before each interaction, built from the interactions table; `filter`
+    names a binary label column that must be 1 for an interaction to enter the history.
+    """
+
+    name: str
+    type: FeatureType
+    table: TableName = "interactions"
+    column: str | None = None
+    min_count: int = Field(1, ge=1)
+    hash_buckets: int | None = Field(None, ge=2)
+    separator: str = "|"
+    max_len: int = Field(20, ge=1)
+    filter: str | None = None
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
+
+    @model_validator(mode="after")
+    def _type_options(self) -> FeatureConfig:
+        if self.type == "sequence" and self.table != "interactions":
+            raise ValueError("a sequence feature is built from the interactions table; set table: interactions")
+        if self.type == "numeric" and self.hash_buckets is not None:
+            raise ValueError("hash_buckets applies to categorical features, not numeric")
+        return self
+
+
+class TaskConfig(_Strict):
+    """One prediction task: (name, kind, label column, type), optionally conditional on a parent."""
+
+    name: str
+    kind: TaskKind
+    label: str
+    type: TaskType
+    after: str | None = None
+    classes: list[str] | None = None
+    separator: str = "|"
+    weight: float = Field(1.0, ge=0.0)
+    directed: bool = False
+
+    @property
+    def table(self) -> str:
+        return TASK_TABLE[self.kind]
+
+
+class ModelConfig(_Strict):
+    """Sizes of the shared encoders, the interaction backbone and the heads."""
+
+    backbone: str = "mmoe"
+    embedding_dim: int = Field(16, ge=1)
+    encoder_dim: int = Field(32, ge=1)
+    encoder_hidden: list[int] = [64]
+    sequence_pooling: Literal["mean", "din", "transformer"] = "mean"
+    transformer_heads: int = Field(2, ge=1)
+    transformer_layers: int = Field(1, ge=1)
+    expert_hidden: list[int] = [64]
+    num_experts: int = Field(4, ge=1)
+    shared_experts: int = Field(2, ge=1)
+    task_experts: int = Field(1, ge=1)
+    levels: int = Field(2, ge=1)
+    tower_hidden: list[int] = [32]
+    head_hidden: list[int] = [32]
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class EarlyStoppingConfig(_Strict):
+    """Stop when the validation metric has not improved for `patience` epochs.
+
+    `metric` is `auto` (the mean over tasks of each task's primary metric, oriented so that
+    higher is better) or `<task>.<metric>` such as `click.auc`.
+    """
+
+    metric: str = "auto"
+    patience: int = Field(2, ge=1)
+
+
+class TrainConfig(_Strict):
+    """Optimisation, weighting of task losses, checkpoints and logging."""
+
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(512, ge=1)
+    aux_batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    sparse_embeddings: Literal["auto", "on", "off"] = "auto"
+    sparse_threshold: int = Field(1_000_000, ge=1)
+    weighting: str = "equal"
+    weighting_params: dict[str, float] = {}
+    clip_norm: float | None = Field(5.0, gt=0.0)
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    device: str = "auto"
+    early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
+    checkpoint_every: int = Field(0, ge=0)
+    eval_batch_size: int = Field(8192, ge=1)
+    ranking_k: list[int] = [10]
+    progress: bool = True
+
+
+class RecommendConfig(_Strict):
+    """How interaction tasks' probabilities are fused into one ranking score."""
+
+    k: int = Field(10, ge=1)
+    fusion: dict[str, float] = {}
+    fusion_rule: Literal["log_sum", "product"] = "log_sum"
+    exclude_seen: bool = True
+
+
+class Config(_Strict):
+    """The whole run: data sources, features, tasks, model, training and recommendation."""
+
+    data: DataConfig
+    features: list[FeatureConfig] = []
+    tasks: list[TaskConfig]
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    recommend: RecommendConfig = RecommendConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        _check_unique("tasks", [t.name for t in self.tasks])
+        _check_unique("features", [f.name for f in self.features])
+        if not self.tasks:
+            raise ValueError("at least one task is required")
+        by_name = {t.name: t for t in self.tasks}
+        given = self.data.table_paths()
+        for i, task in enumerate(self.tasks):
+            if task.table not in given:
+                raise _KeyError(f"tasks[{i}] ('{task.name}') is a {task.kind} task, but data.{task.table} is not set")
+            if task.after is not None:
+                parent = by_name.get(task.after)
+                if parent is None:
+                    raise _KeyError(f"tasks[{i}].after names '{task.after}', which is not a task; "
+                                    f"tasks are {sorted(by_name)}")
+                if parent.type != "binary" or parent.kind != task.kind:
+                    raise _KeyError(f"tasks[{i}].after names '{task.after}', a {parent.kind} {parent.type} task; "
+                                    f"the parent of a conditional task must be a binary {task.kind} task")
+                if task.type != "binary":
+                    raise _KeyError(f"tasks[{i}] ('{task.name}') is conditional (after: {task.after}) "
+                                    f"and must be binary, got {task.type}")
+                _check_acyclic(task.name, by_name)
+            if task.type in ("binary", "regression") and task.classes is not None:
+                raise _KeyError(f"tasks[{i}].classes applies to multiclass and multilabel tasks, not {task.type}")
+        for i, feat in enumerate(self.features):
+            if feat.table not in given:
+                raise _KeyError(f"features[{i}] ('{feat.name}') reads table '{feat.table}', "
+                                f"but data.{feat.table} is not set")
+            if feat.type == "sequence" and self.data.timestamp is None:
+                raise _KeyError(f"features[{i}] ('{feat.name}') is a sequence feature, which needs "
+                                "data.timestamp to order each user's history")
+            if feat.filter is not None and feat.type != "sequence":
+                raise _KeyError(f"features[{i}].filter applies only to sequence features")
+        for name in self.recommend.fusion:
+            task = by_name.get(name)
+            if task is None or task.kind != "interaction" or task.type != "binary":
+                raise _KeyError(f"recommend.fusion names '{name}', which is not a binary interaction task")
+        return self
+
+    def tasks_of(self, kind: str) -> list[TaskConfig]:
+        return [t for t in self.tasks if t.kind == kind]
+
+
+class _KeyError(ValueError):
+    """A cross-field problem; its message already names the key path."""
+
+
+def _check_unique(section: str, names: list[str]) -> None:
+    dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dupes:
+        raise _KeyError(f"{section}: duplicate names {dupes}; every name must be unique")
+
+
+def _check_acyclic(start: str, by_name: Mapping[str, TaskConfig]) -> None:
+    seen = {start}
+    node = by_name[start].after
+    while node is not None:
+        if node in seen:
+            raise _KeyError(f"tasks: 'after' forms a cycle through '{node}'")
+        seen.add(node)
+        node = by_name[node].after
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and merging
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Turn `["train.epochs=3", "model.backbone=ple"]` into a nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc.__class__.__name__})") from None
+        _set_path(nested, key.split("."), value, item)
+    return nested
+
+
+def _set_path(tree: Any, parts: list[str], value: Any, item: str) -> None:
+    head, rest = parts[0], parts[1:]
+    if isinstance(tree, list):
+        if not head.isdigit() or int(head) >= len(tree):
+            raise ConfigError(f"override '{item}': '{head}' is not an index of a list of {len(tree)}")
+        if rest:
+            _set_path(tree[int(head)], rest, value, item)
+        else:
+            tree[int(head)] = value
+        return
+    if rest:
+        child = tree.setdefault(head, {})
+        if not isinstance(child, dict | list):
+            raise ConfigError(f"override '{item}': '{head}' is a value, not a section")
+        _set_path(child, rest, value, item)
+    else:
+        tree[head] = value
+
+
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge `update` into a copy of `base`; dict keys of lists address list items."""
+    out: dict[str, Any] = dict(base)
+    for key, value in update.items():
+        current = out.get(key)
+        if isinstance(current, dict) and isinstance(value, Mapping):
+            out[key] = merge(current, value)
+        elif isinstance(current, list) and isinstance(value, Mapping) and all(k.isdigit() for k in value):
+            items = list(current)
+            for idx, sub in value.items():
+                i = int(idx)
+                if i >= len(items):
+                    raise ConfigError(f"override: '{key}.{idx}' is out of range; '{key}' has {len(items)} items")
+                items[i] = merge(items[i], sub) if isinstance(items[i], dict) and isinstance(sub, Mapping) else sub
+            out[key] = items
+        else:
+            out[key] = value
+    return out
+
+
+def _format_validation(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"] if p not in ("function-after",))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict | list):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"{path}: {msg}" if path else msg)
+    return "; ".join(lines)
+
+
+def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
+    """Validate a config given as a dict, with optional `key=value` overrides applied on top."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    update = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    data = merge(dict(raw), update)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config: {_format_validation(exc)}") from None
+
+
+def load_config(source: str | Path | Mapping[str, Any] | Config,
+                overrides: Sequence[str] | Mapping[str, Any] = ()) -> tuple[Config, Path]:
+    """Load and validate a config: defaults < file < overrides.
+
+    Returns the config and the folder that relative data paths are resolved against.
+    """
+    if isinstance(source, Config):
+        if overrides:
+            return config_from_dict(source.model_dump(), overrides), Path.cwd()
+        return source, Path.cwd()
+    if isinstance(source, Mapping):
+        return config_from_dict(source, overrides), Path.cwd()
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file '{path}': {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if raw is None:
+        raise ConfigError(f"config file '{path}' is empty")
+    return config_from_dict(raw, overrides), path.resolve().parent
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML, with every default written out (the resolved config of a run)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""The data layer: tables -> fitted encoders -> contiguous tensors -> batches."""
