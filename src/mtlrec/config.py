@@ -55,15 +55,16 @@ class DataConfig(_Strict):
     """Where the four kinds of table are and how their key columns are named.
 
     Paths are relative to the config file's folder. Only `interactions` is required; tasks exist
-    only for the tables given.
+    only for the tables given. `user_id` / `item_id` may be null for tables without entities
+    (Census-Income, the MMoE synthetic data): then there are no user, item or pair tasks.
     """
 
     interactions: str
     users: str | None = None
     items: str | None = None
     item_pairs: str | None = None
-    user_id: str = "user_id"
-    item_id: str = "item_id"
+    user_id: str | None = "user_id"
+    item_id: str | None = "item_id"
     timestamp: str | None = None
     item_a: str = "item_a"
     item_b: str = "item_b"
@@ -209,6 +210,10 @@ class Config(_Strict):
         by_name = {t.name: t for t in self.tasks}
         given = self.data.table_paths()
         for i, task in enumerate(self.tasks):
+            if task.kind == "user" and self.data.user_id is None:
+                raise _KeyError(f"tasks[{i}] ('{task.name}') is a user task, but data.user_id is null")
+            if task.kind in ("item", "item_pair") and self.data.item_id is None:
+                raise _KeyError(f"tasks[{i}] ('{task.name}') is an {task.kind} task, but data.item_id is null")
             if task.table not in given:
                 raise _KeyError(f"tasks[{i}] ('{task.name}') is a {task.kind} task, but data.{task.table} is not set")
             if task.after is not None:
@@ -229,6 +234,9 @@ class Config(_Strict):
             if feat.table not in given:
                 raise _KeyError(f"features[{i}] ('{feat.name}') reads table '{feat.table}', "
                                 f"but data.{feat.table} is not set")
+            if feat.type == "sequence" and (self.data.user_id is None or self.data.item_id is None):
+                raise _KeyError(f"features[{i}] ('{feat.name}') is a sequence feature, which needs "
+                                "data.user_id and data.item_id")
             if feat.type == "sequence" and self.data.timestamp is None:
                 raise _KeyError(f"features[{i}] ('{feat.name}') is a sequence feature, which needs "
                                 "data.timestamp to order each user's history")
