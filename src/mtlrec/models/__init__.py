@@ -1,0 +1,1 @@
+"""Models: fused embeddings, user/item encoders, multi-task backbones and heads."""

@@ -1,0 +1,1 @@
+"""Training: losses, loss weighting strategies, the trainer and checkpoints."""
