@@ -187,7 +187,7 @@ class RecommendConfig(_Strict):
 
     k: int = Field(10, ge=1)
     fusion: dict[str, float] = {}
-    fusion_rule: Literal["log_sum", "product"] = "log_sum"
+    fusion_rule: Literal["log_sum", "product", "sum"] = "log_sum"
     exclude_seen: bool = True
 
 
@@ -291,23 +291,15 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
-def _set_path(tree: Any, parts: list[str], value: Any, item: str) -> None:
+def _set_path(tree: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
     head, rest = parts[0], parts[1:]
-    if isinstance(tree, list):
-        if not head.isdigit() or int(head) >= len(tree):
-            raise ConfigError(f"override '{item}': '{head}' is not an index of a list of {len(tree)}")
-        if rest:
-            _set_path(tree[int(head)], rest, value, item)
-        else:
-            tree[int(head)] = value
-        return
-    if rest:
-        child = tree.setdefault(head, {})
-        if not isinstance(child, dict | list):
-            raise ConfigError(f"override '{item}': '{head}' is a value, not a section")
-        _set_path(child, rest, value, item)
-    else:
+    if not rest:
         tree[head] = value
+        return
+    child = tree.setdefault(head, {})
+    if not isinstance(child, dict):
+        raise ConfigError(f"override '{item}': '{head}' is given both as a value and as a section")
+    _set_path(child, rest, value, item)
 
 
 def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,378 @@
+"""The multi-task model: shared embeddings and encoders, an interaction backbone, task heads.
+
+    FeatureEmbedding (one fused table)
+      user encoder     user fields (+ behaviour sequence, target-attended)  -> u [B, D]
+      item encoder     item fields                                          -> v [B, D]
+      context encoder  context fields                                       -> c [B, Dc]
+    interactions   [u, v, c, u*v] -> backbone -> tower per interaction task -> logits
+    users          u -> head per user task;  items  v -> head per item task
+    item pairs     [v_a, v_b, v_a*v_b, |v_a - v_b|] -> head per pair task
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+
+from mtlrec.config import ModelConfig
+from mtlrec.data.batch import Batch
+from mtlrec.data.spec import SOURCE_OF_KIND, FieldSpec, InputSpec, TaskSpec
+from mtlrec.errors import ConfigError
+from mtlrec.models.backbones import BACKBONES, Backbone
+from mtlrec.models.embedding import FeatureEmbedding
+from mtlrec.models.encoders import GroupEncoder, missing_features
+from mtlrec.models.heads import PairHead, TaskHead
+
+USER_ID = "user_id"
+"""Key of the user's vocabulary index in `Batch.user`."""
+ITEM_ID = "item_id"
+"""Key of the item's vocabulary index in `Batch.item` / `Batch.item_b`: the attention target."""
+
+
+def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _rows(features: Mapping[str, Tensor], target: Tensor | None) -> int:
+    for tensor in features.values():
+        return int(tensor.shape[0])
+    if target is not None:
+        return int(target.shape[0])
+    raise ValueError("cannot tell the batch size: no feature tensors and no target items were given")
+
+
+def _check_source(source: str) -> None:
+    if source not in SOURCE_OF_KIND.values():
+        raise ValueError(f"unknown batch source '{source}'; "
+                         f"expected one of {sorted(SOURCE_OF_KIND.values())}")
+
+
+class RecModel(nn.Module):
+    """The interface every model built by `build_model` offers to trainers and recommenders.
+
+    `forward(batch)` returns the logits of the tasks whose labels `batch.source` carries.
+
+    Scoring many items per user: encode the catalogue once with `encode_items`, encode users
+    with `encode_users`, and call `score_interactions(u, v, context)` on row-aligned u and v
+    (repeat each user's row once per candidate). When `target_aware` is True (din/transformer
+    pooling of a behaviour sequence), u depends on the candidate item: for exact scores, encode
+    the repeated user rows with `target_items` set to the candidates; u encoded without targets
+    uses the learned query (the vector user tasks see), a target-independent approximation that
+    suits a cheap first pass over the whole catalogue before exact re-scoring of the top items.
+    """
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def encode_users(self, user: Mapping[str, Tensor], target_items: Tensor | None = None) -> Tensor:
+        """User fields (+ candidate item ids [B] for target attention) -> u [B, user_dim]."""
+        raise NotImplementedError
+
+    def encode_items(self, item: Mapping[str, Tensor]) -> Tensor:
+        """Item fields -> v [B, item_dim]."""
+        raise NotImplementedError
+
+    def score_interactions(self, u: Tensor, v: Tensor, context: Mapping[str, Tensor] | None = None,
+                           target_items: Tensor | None = None) -> dict[str, Tensor]:
+        """Interaction tasks' logits for row-aligned u [B, user_dim] and v [B, item_dim].
+
+        `context=None` scores with every context field missing. `target_items` [B] matters only
+        when a sequence field sits in the context group and is target-attended.
+        """
+        raise NotImplementedError
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters that more than one task's output depends on (for PCGrad, GradNorm)."""
+        raise NotImplementedError
+
+    @property
+    def user_dim(self) -> int:
+        """Width of `encode_users`' output (0 when there are no user fields)."""
+        raise NotImplementedError
+
+    @property
+    def item_dim(self) -> int:
+        """Width of `encode_items`' output (0 when there are no item fields)."""
+        raise NotImplementedError
+
+    @property
+    def target_aware(self) -> bool:
+        """True when the user vector of an interaction depends on the candidate item."""
+        raise NotImplementedError
+
+    @property
+    def entire_space(self) -> bool:
+        """True: a conditional task trains over the entire space (ESMM: p(parent) * p(task |
+        parent) from both tasks' logits, on every row); False: on its masked rows only."""
+        raise NotImplementedError
+
+    @property
+    def gate_weights(self) -> dict[str, Tensor]:
+        """Task -> gate weights [B, E] of the last interaction forward; empty without gates."""
+        return {}
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Embedding tables built with sparse gradients (for a sparse optimiser)."""
+        return _unique(cast(nn.Parameter, m.weight) for m in self.modules()
+                       if isinstance(m, FeatureEmbedding) and m.sparse)
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Every parameter not in `sparse_parameters()`."""
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse]
+
+
+class MultiTaskModel(RecModel):
+    """All tasks of all four kinds over one set of embeddings and encoders.
+
+    Args:
+        spec: fields, vocabulary sizes and tasks.
+        config: model sizes and the backbone name (`BACKBONES`).
+        sparse: sparse gradients for the embedding table.
+    """
+
+    def __init__(self, spec: InputSpec, config: ModelConfig, sparse: bool = False) -> None:
+        super().__init__()
+        backbone_cls = BACKBONES.get(config.backbone)
+        for t in spec.tasks:
+            if "." in t.name:
+                raise ConfigError(f"task name '{t.name}' must not contain '.'")
+        self.spec = spec
+        self.config = config
+        interaction = spec.tasks_of("interaction")
+        user_fields, item_fields = spec.group("user"), spec.group("item")
+        context_fields = spec.group("context")
+        self._check_fields(spec.tasks_of("user"), user_fields, "user")
+        item_tasks = spec.tasks_of("item") + spec.tasks_of("item_pair")
+        self._check_fields(item_tasks, item_fields, "item")
+        item_id = [f for f in item_fields if f.name == ITEM_ID and f.kind == "categorical"]
+        target_vocab = item_id[0].vocab if item_id else None
+
+        # Build only what some task reads: no encoder sits idle, and each model of the isolated
+        # baseline carries only the tables its own task needs.
+        use_user = bool(user_fields) and bool(interaction or spec.tasks_of("user"))
+        use_item = bool(item_fields) and bool(interaction or item_tasks)
+        use_context = bool(context_fields) and bool(interaction)
+        used = (user_fields if use_user else ()) + (item_fields if use_item else ()) + \
+            (context_fields if use_context else ())
+        vocabs = {f.vocab for f in used if f.kind != "numeric"}
+        unknown = sorted(vocabs - set(spec.vocab_sizes))
+        if unknown:
+            raise ConfigError(f"fields use vocabularies {unknown} that spec.vocab_sizes does not size; "
+                              f"it has {sorted(spec.vocab_sizes)}")
+
+        D = config.encoder_dim
+        self.embedding = FeatureEmbedding({v: n for v, n in spec.vocab_sizes.items() if v in vocabs},
+                                          config.embedding_dim, sparse)
+        self.user_encoder = GroupEncoder(user_fields, config, target_vocab) if use_user else None
+        self.item_encoder = GroupEncoder(item_fields, config) if use_item else None
+        self.context_encoder = GroupEncoder(context_fields, config, target_vocab) if use_context else None
+        self.context_fields: tuple[FieldSpec, ...] = context_fields if use_context else ()
+
+        self.backbone: Backbone | None = None
+        self.towers = nn.ModuleDict()
+        if interaction:
+            in_dim = self.user_dim + self.item_dim + (D if use_context else 0) + \
+                (D if use_user and use_item else 0)
+            if in_dim == 0:
+                raise ConfigError("interaction tasks need at least one user, item or context field; "
+                                  "the input spec has none")
+            self.backbone = backbone_cls(in_dim, [t.name for t in interaction], config)
+            H = self.backbone.out_dim
+            self.towers.update({t.name: TaskHead(H, config.tower_hidden, t, config.dropout)
+                                for t in interaction})
+        self.user_heads = nn.ModuleDict({t.name: TaskHead(D, config.head_hidden, t, config.dropout)
+                                         for t in spec.tasks_of("user")})
+        self.item_heads = nn.ModuleDict({t.name: TaskHead(D, config.head_hidden, t, config.dropout)
+                                         for t in spec.tasks_of("item")})
+        self.pair_heads = nn.ModuleDict({t.name: PairHead(D, config.head_hidden, t, config.dropout)
+                                         for t in spec.tasks_of("item_pair")})
+
+    @staticmethod
+    def _check_fields(tasks: tuple[TaskSpec, ...], fields: tuple[FieldSpec, ...], group: str) -> None:
+        if tasks and not fields:
+            raise ConfigError(f"task '{tasks[0].name}' is a {tasks[0].kind} task, but the input spec has no "
+                              f"{group} fields")
+
+    # -- properties -----------------------------------------------------------------------------
+
+    @property
+    def user_dim(self) -> int:
+        return self.user_encoder.out_dim if self.user_encoder is not None else 0
+
+    @property
+    def item_dim(self) -> int:
+        return self.item_encoder.out_dim if self.item_encoder is not None else 0
+
+    @property
+    def target_aware(self) -> bool:
+        return any(enc is not None and enc.target_aware for enc in (self.user_encoder, self.context_encoder))
+
+    @property
+    def entire_space(self) -> bool:
+        return True
+
+    @property
+    def gate_weights(self) -> dict[str, Tensor]:
+        return self.backbone.gate_weights if self.backbone is not None else {}
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        """Logits of the tasks whose labels `batch.source` carries: task -> [B] or [B, C]."""
+        _check_source(batch.source)
+        if batch.source == "interactions":
+            if self.backbone is None:
+                return {}
+            target = batch.item.get(ITEM_ID)  # [B] candidate items, for target attention
+            none = torch.zeros(len(batch), 0, device=self.embedding.weight.device)  # a group without fields
+            u = self.encode_users(batch.user, target) if self.user_encoder is not None else none  # [B, D]
+            v = self.encode_items(batch.item) if self.item_encoder is not None else none  # [B, D]
+            return self.score_interactions(u, v, batch.context, target)
+        if batch.source == "users":
+            if not self.user_heads:
+                return {}
+            u = self.encode_users(batch.user)  # [B, D]
+            return {name: head(u) for name, head in self.user_heads.items()}
+        if batch.source == "items":
+            if not self.item_heads:
+                return {}
+            v = self.encode_items(batch.item)  # [B, D]
+            return {name: head(v) for name, head in self.item_heads.items()}
+        if not self.pair_heads:
+            return {}
+        va, vb = self.encode_items(batch.item), self.encode_items(batch.item_b)  # [B, D] each
+        return {name: head(va, vb) for name, head in self.pair_heads.items()}
+
+    def encode_users(self, user: Mapping[str, Tensor], target_items: Tensor | None = None) -> Tensor:
+        if self.user_encoder is None:
+            return torch.zeros(_rows(user, target_items), 0, device=self.embedding.weight.device)
+        return self.user_encoder(user, self.embedding, target_items)  # [B, D]
+
+    def encode_items(self, item: Mapping[str, Tensor]) -> Tensor:
+        if self.item_encoder is None:
+            return torch.zeros(_rows(item, None), 0, device=self.embedding.weight.device)
+        return self.item_encoder(item, self.embedding)  # [B, D]
+
+    def score_interactions(self, u: Tensor, v: Tensor, context: Mapping[str, Tensor] | None = None,
+                           target_items: Tensor | None = None) -> dict[str, Tensor]:
+        if self.backbone is None:
+            return {}
+        if u.shape[-1] != self.user_dim or v.shape[-1] != self.item_dim or u.shape[0] != v.shape[0]:
+            raise ValueError(f"score_interactions expects row-aligned u [B, {self.user_dim}] and "
+                             f"v [B, {self.item_dim}], got {tuple(u.shape)} and {tuple(v.shape)}")
+        parts = [u, v]
+        if self.context_encoder is not None:
+            if context is None:
+                context = missing_features(self.context_fields, u.shape[0], u.device)
+            parts.append(self.context_encoder(context, self.embedding, target_items))  # [B, Dc]
+        if self.user_encoder is not None and self.item_encoder is not None:
+            parts.append(u * v)  # [B, D]
+        x = torch.cat(parts, dim=-1)  # [B, Din]
+        reps = self.backbone(x)  # task -> [B, H]
+        return {name: tower(reps[name]) for name, tower in self.towers.items()}
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        modules = [self.embedding, self.user_encoder, self.item_encoder, self.context_encoder]
+        params = [p for m in modules if m is not None for p in m.parameters()]
+        if self.backbone is not None:
+            params += self.backbone.shared_parameters()
+        return _unique(params)
+
+
+class TaskIsolatedModel(RecModel):
+    """One independent `MultiTaskModel` per task (own embeddings, encoders, network and head).
+
+    The single-task baseline: N single-task models trained side by side in one pass. Nothing is
+    shared, so `shared_parameters()` is empty; conditional tasks train on their masked rows
+    (`entire_space` is False) since no parent's logits live in their model. The user and item
+    vectors of `encode_users` / `encode_items` concatenate those of the interaction tasks'
+    models, in task order; `score_interactions` splits them again.
+    """
+
+    def __init__(self, spec: InputSpec, config: ModelConfig, sparse: bool = False) -> None:
+        super().__init__()
+        self.spec = spec
+        self.config = config
+        self.models = nn.ModuleDict({
+            t.name: MultiTaskModel(dataclasses.replace(spec, tasks=(dataclasses.replace(t, parent=None),)),
+                                   config, sparse)
+            for t in spec.tasks})
+        self.interaction_tasks = tuple(t.name for t in spec.tasks_of("interaction"))
+
+    def _scorers(self) -> list[MultiTaskModel]:
+        return [self._model(name) for name in self.interaction_tasks]
+
+    def _model(self, name: str) -> MultiTaskModel:
+        return cast(MultiTaskModel, self.models[name])
+
+    @property
+    def user_dim(self) -> int:
+        return sum(m.user_dim for m in self._scorers())
+
+    @property
+    def item_dim(self) -> int:
+        return sum(m.item_dim for m in self._scorers())
+
+    @property
+    def target_aware(self) -> bool:
+        return any(m.target_aware for m in self._scorers())
+
+    @property
+    def entire_space(self) -> bool:
+        return False
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        """Logits of the tasks whose labels `batch.source` carries, each from its own model."""
+        _check_source(batch.source)
+        out: dict[str, Tensor] = {}
+        for t in self.spec.tasks:
+            if SOURCE_OF_KIND[t.kind] == batch.source:
+                out.update(self.models[t.name](batch))
+        return out
+
+    def encode_users(self, user: Mapping[str, Tensor], target_items: Tensor | None = None) -> Tensor:
+        parts = [m.encode_users(user, target_items) for m in self._scorers()]  # [B, D] each
+        return torch.cat(parts, dim=-1) if parts else self._none(_rows(user, target_items))
+
+    def encode_items(self, item: Mapping[str, Tensor]) -> Tensor:
+        parts = [m.encode_items(item) for m in self._scorers()]  # [B, D] each
+        return torch.cat(parts, dim=-1) if parts else self._none(_rows(item, None))
+
+    def _none(self, rows: int) -> Tensor:
+        return torch.zeros(rows, 0, device=next(self.parameters()).device)
+
+    def score_interactions(self, u: Tensor, v: Tensor, context: Mapping[str, Tensor] | None = None,
+                           target_items: Tensor | None = None) -> dict[str, Tensor]:
+        models = self._scorers()
+        if u.shape[-1] != self.user_dim or v.shape[-1] != self.item_dim:
+            raise ValueError(f"score_interactions expects u [B, {self.user_dim}] and v [B, {self.item_dim}] "
+                             f"from this model's encode_users / encode_items, got {tuple(u.shape)} and "
+                             f"{tuple(v.shape)}")
+        us = u.split([m.user_dim for m in models], dim=-1)
+        vs = v.split([m.item_dim for m in models], dim=-1)
+        out: dict[str, Tensor] = {}
+        for m, ui, vi in zip(models, us, vs, strict=True):
+            out.update(m.score_interactions(ui, vi, context, target_items))
+        return out
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return []
+
+
+def build_model(spec: InputSpec, config: ModelConfig, sparse: bool = False) -> RecModel:
+    """The model `config.backbone` asks for: a `TaskIsolatedModel` for backbones that isolate
+    tasks (`single`), else one `MultiTaskModel`."""
+    if BACKBONES.get(config.backbone).isolates_tasks:
+        return TaskIsolatedModel(spec, config, sparse)
+    return MultiTaskModel(spec, config, sparse)
