@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from mtlrec.config import Config, config_from_dict, dump_config, load_config, parse_overrides
 from mtlrec.errors import ConfigError
@@ -67,7 +68,7 @@ def test_defaults_file_overrides_precedence(tmp_path: Path) -> None:
 
 def test_config_is_frozen() -> None:
     cfg = config_from_dict(base())
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.train.epochs = 3  # type: ignore[misc]
 
 

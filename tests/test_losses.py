@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mtlrec.data.batch import Batch
 from mtlrec.data.spec import TaskSpec
-from mtlrec.train.losses import task_losses
+from mtlrec.training.losses import task_losses
 
 CLICK = TaskSpec("click", "interaction", "binary", 1)
 LIKE = TaskSpec("like", "interaction", "binary", 1, parent="click")

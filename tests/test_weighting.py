@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from mtlrec.errors import ConfigError
-from mtlrec.train.weighting import WEIGHTINGS, GradNorm, Weighting, make_weighting
+from mtlrec.training.weighting import WEIGHTINGS, GradNorm, Weighting, make_weighting
 
 TASKS = ("a", "b")
 

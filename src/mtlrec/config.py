@@ -164,7 +164,7 @@ class TrainConfig(_Strict):
 
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(512, ge=1)
-    aux_batch_size: int = Field(256, ge=1)
+    aux_passes: float = Field(1.0, gt=0.0)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     sparse_embeddings: Literal["auto", "on", "off"] = "auto"
@@ -243,8 +243,8 @@ class Config(_Strict):
             if feat.filter is not None and feat.type != "sequence":
                 raise _KeyError(f"features[{i}].filter applies only to sequence features")
         for name in self.recommend.fusion:
-            task = by_name.get(name)
-            if task is None or task.kind != "interaction" or task.type != "binary":
+            fused = by_name.get(name)
+            if fused is None or fused.kind != "interaction" or fused.type != "binary":
                 raise _KeyError(f"recommend.fusion names '{name}', which is not a binary interaction task")
         return self
 

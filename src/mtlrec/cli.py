@@ -1,0 +1,139 @@
+"""The `mtlrec` command: thin wrappers over the library. User errors print one line, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mtlrec.display import frame_table
+from mtlrec.errors import MtlrecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Multi-task learning recommender systems: train, evaluate, predict, recommend.")
+data_app = typer.Typer(no_args_is_help=True, help="Built-in and public datasets.")
+app.add_typer(data_app, name="data")
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the data, the runs and report.json.")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic world and of training.")] = 0,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per model (default: the demo's own).")] = None,
+) -> None:
+    """Generate the synthetic world, train multi-task (PLE) and single-task models, compare with the oracle."""
+    from mtlrec.demo import run_demo
+
+    run_demo(out, seed=seed, epochs=epochs, console=out_console)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="The run's YAML config.")],
+    out: Annotated[Path, typer.Option(help="Run directory to write.")] = Path("runs/latest"),
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=3")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.safetensors.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Train a multi-task model from CONFIG; writes OUT/metrics.json and the artifact."""
+    from mtlrec.training.trainer import train as run_train
+
+    result = run_train(config, out, overrides or [], resume=resume, progress=False if quiet else None)
+    _print_task_metrics(result.metrics)
+    out_console.print(f"run written to {result.run_dir}")
+
+
+def _print_task_metrics(metrics: dict[str, Any]) -> None:
+    table = Table(title="test metrics")
+    table.add_column("task")
+    table.add_column("kind")
+    table.add_column("metrics")
+    for name, entry in metrics["tasks"].items():
+        shown = " ".join(f"{k}={v:.4f}" for k, v in entry["test"].items() if v is not None)
+        table.add_row(name, f"{entry['kind']} {entry['type']}", shown)
+    out_console.print(table)
+    ranking = metrics.get("ranking") or {}
+    if ranking.get("metrics"):
+        out_console.print("ranking: " + " ".join(f"{k}={v:.4f}" for k, v in ranking["metrics"].items()))
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run directory written by `mtlrec train`.")],
+    data: Annotated[Path | None, typer.Option(help="Evaluate on the data of this config instead.")] = None,
+    part: Annotated[str, typer.Option(help="Split part: train, valid or test.")] = "test",
+) -> None:
+    """Recompute every task's metrics of a trained run."""
+    from mtlrec.predict import evaluate_run
+
+    metrics = evaluate_run(run, data, part)
+    out_console.print_json(json.dumps(metrics))
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    input: Annotated[Path, typer.Option("--input", help="Interactions to score (Parquet or CSV).")],
+    output: Annotated[Path, typer.Option("--output", help="Where to write the scores (.parquet or .csv).")],
+) -> None:
+    """Score user-item rows: every interaction task's probability per row."""
+    from mtlrec.data.tables import read_table
+    from mtlrec.predict import Predictor, write_frame
+
+    frame = Predictor.load(run).predict(read_table(input, "input"))
+    write_frame(frame, output)
+    out_console.print(f"wrote {len(frame)} rows to {output}")
+
+
+@app.command()
+def recommend(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    user: Annotated[str, typer.Option("--user", help="The user id.")],
+    k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
+) -> None:
+    """Top-K items for a user with each interaction task's probability and the fused score."""
+    from mtlrec.predict import Predictor
+
+    frame = Predictor.load(run).recommend(user, k=k)
+    out_console.print(frame_table(f"top {k} for user {user}", frame))
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Folder to write the tables and config.yaml into.")],
+    users: Annotated[int | None, typer.Option(help="Number of users.")] = None,
+    items: Annotated[int | None, typer.Option(help="Number of items.")] = None,
+    impressions: Annotated[int | None, typer.Option(help="Impressions per user.")] = None,
+    pairs: Annotated[int | None, typer.Option(help="Number of item pairs.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Write the synthetic world (one Parquet file per table) and a ready config.yaml."""
+    from mtlrec.data.synthetic import make_world
+
+    sizes = {"n_users": users, "n_items": items, "impressions_per_user": impressions, "n_pairs": pairs}
+    world = make_world(seed=seed, **{k: v for k, v in sizes.items() if v is not None})
+    config_path = world.write(out)
+    for name, frame in world.tables.items():
+        out_console.print(f"{name}: {len(frame):,} rows")
+    out_console.print(f"wrote {out} ; train with: mtlrec train {config_path} --out runs/synth")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `mtlrec` console script and `python -m mtlrec`.
+
+    Usage errors are click's (exit code 2 with usage help); a user error from the library is
+    printed as one line, without a traceback, with exit code 2.
+    """
+    try:
+        app(args=argv, prog_name="mtlrec")
+    except MtlrecError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)

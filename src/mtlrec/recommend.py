@@ -1,0 +1,269 @@
+"""Top-K recommendation with a multi-objective score, related items, and the ranking report.
+
+Scores: every binary interaction task gives P(event | impression); a conditional task's
+probability is taken over the entire space (p(click) * p(purchase | click)), so that every task's
+number answers the same question for a candidate item. `recommend.fusion` weights them:
+
+    log_sum   sum_t w_t * log p_t
+    product   prod_t p_t ** w_t        (the same order as log_sum, on a probability scale)
+    sum       sum_t w_t * p_t
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtlrec.config import Config, RecommendConfig
+from mtlrec.data.batch import Batch
+from mtlrec.data.spec import InputSpec, TaskSpec
+from mtlrec.errors import ArtifactError
+from mtlrec.metrics import ranking_metrics
+from mtlrec.models.model import RecModel
+from mtlrec.training.checkpoint import load_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from mtlrec.data.dataset import EncodedData
+    from mtlrec.data.schema import Schema
+    from mtlrec.data.split import SplitIndex
+
+SERVING_FILE = "serving.safetensors"
+_EPS = 1e-7
+
+
+@dataclass
+class ServingState:
+    """What recommending needs besides the model: entity features, seen items, popularity.
+
+    `users` / `items` hold the user- and item-group fields of every entity row; `seen_indptr` /
+    `seen_items` list the items of each user's training interactions (CSR); `popularity` counts
+    each item's positive training interactions of the first binary interaction task.
+    """
+
+    users: dict[str, Tensor]
+    items: dict[str, Tensor]
+    seen_indptr: Tensor
+    seen_items: Tensor
+    popularity: Tensor
+
+    def save(self, run_dir: Path) -> None:
+        tensors = {f"user.{k}": v for k, v in self.users.items()}
+        tensors.update({f"item.{k}": v for k, v in self.items.items()})
+        tensors.update({"seen.indptr": self.seen_indptr, "seen.items": self.seen_items,
+                        "popularity": self.popularity})
+        save_tensors(run_dir / SERVING_FILE, tensors)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> ServingState:
+        tensors, _ = load_tensors(run_dir / SERVING_FILE)
+        try:
+            return cls({k[5:]: v for k, v in tensors.items() if k.startswith("user.")},
+                       {k[5:]: v for k, v in tensors.items() if k.startswith("item.")},
+                       tensors["seen.indptr"], tensors["seen.items"], tensors["popularity"])
+        except KeyError as exc:
+            raise ArtifactError(f"'{run_dir / SERVING_FILE}' lacks {exc}; re-run training") from None
+
+    @property
+    def num_items(self) -> int:
+        return int(self.popularity.shape[0])
+
+    def seen(self, user_row: int) -> np.ndarray:
+        lo, hi = int(self.seen_indptr[user_row]), int(self.seen_indptr[user_row + 1])
+        return self.seen_items[lo:hi].numpy()
+
+
+def _root_binary_task(spec: InputSpec) -> TaskSpec | None:
+    for task in spec.tasks_of("interaction"):
+        if task.type == "binary" and task.parent is None:
+            return task
+    return None
+
+
+def build_serving_state(data: EncodedData, split: SplitIndex, spec: InputSpec) -> ServingState:
+    """Entity features, training interactions per user and item popularity, from the encoded data."""
+    users = data.users.fields if data.users is not None else {}
+    items = data.items.fields if data.items is not None else {}
+    n_users = data.users.num_rows if data.users is not None else 0
+    n_items = data.items.num_rows if data.items is not None else 0
+    train_rows = split.rows("interactions", "train")
+    user_rows, item_rows = data.seen_items(train_rows)
+    pairs = np.unique(np.stack([user_rows, item_rows], axis=1).reshape(-1, 2), axis=0)
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.add.at(indptr, pairs[:, 0] + 1, 1)
+    popularity = np.zeros(n_items, dtype=np.float32)
+    root = _root_binary_task(spec)
+    if root is not None and n_items:
+        for batch in data.iter_batches("interactions", train_rows, 65536):
+            positive = (batch.labels[root.name] > 0.5) & batch.masks[root.name]
+            np.add.at(popularity, batch.item["item_key"][positive].numpy(), 1.0)
+    elif n_items:
+        np.add.at(popularity, item_rows, 1.0)
+    return ServingState(dict(users), dict(items), torch.as_tensor(np.cumsum(indptr)),
+                        torch.as_tensor(pairs[:, 1].copy()), torch.as_tensor(popularity))
+
+
+def save_serving_state(run_dir: Path, schema: Schema, data: EncodedData, split: SplitIndex) -> None:
+    """Write what a Predictor needs to recommend without the training data."""
+    build_serving_state(data, split, schema.spec_).save(run_dir)
+
+
+def _take(fields: Mapping[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    return {k: v.index_select(0, rows) for k, v in fields.items()}
+
+
+class Recommender:
+    """Scores candidate items for users with the interaction tasks and fuses them into one score.
+
+    Args:
+        model: a trained model.
+        spec: its input spec.
+        state: entity features, seen items and popularity.
+        settings: fusion weights, rule, K and whether to exclude seen items.
+    """
+
+    def __init__(self, model: RecModel, spec: InputSpec, state: ServingState, settings: RecommendConfig) -> None:
+        self.model = model.eval()
+        self.spec = spec
+        self.state = state
+        self.settings = settings
+        binary = [t for t in spec.tasks_of("interaction") if t.type == "binary"]
+        self.fusion = dict(settings.fusion) or {t.name: 1.0 for t in binary}
+        self.scored_tasks = [t.name for t in binary]
+        self._item_vectors: Tensor | None = None
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def item_vectors(self) -> Tensor:
+        """v of every item entity [I, D], computed once."""
+        if self._item_vectors is None:
+            self._item_vectors = self.model.encode_items(self.state.items)
+        return self._item_vectors
+
+    def joint_probabilities(self, logits: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """P(task's event | impression) of every binary interaction task (conditionals chained)."""
+        log_p = {name: torch.nn.functional.logsigmoid(value) for name, value in logits.items()}
+        out: dict[str, Tensor] = {}
+        for name in self.scored_tasks:
+            total = log_p[name]
+            parent = self.spec.task(name).parent
+            while parent is not None:
+                total = total + log_p[parent]
+                parent = self.spec.task(parent).parent
+            out[name] = total.exp()
+        return out
+
+    def fuse(self, probs: Mapping[str, Tensor]) -> Tensor:
+        rule = self.settings.fusion_rule
+        if rule == "sum":
+            return sum((w * probs[t] for t, w in self.fusion.items()), torch.zeros(()))
+        log_sum = sum((w * probs[t].clamp_min(_EPS).log() for t, w in self.fusion.items()), torch.zeros(()))
+        return log_sum.exp() if rule == "product" else log_sum
+
+    @torch.no_grad()
+    def score(self, user_rows: Tensor, item_rows: Tensor | None = None,
+              chunk_pairs: int = 1 << 16) -> tuple[Tensor, dict[str, Tensor]]:
+        """Fused scores [U, I] and per-task impression probabilities [U, I] for user entity rows
+        against item entity rows (default: the whole catalogue), in chunks of user-item pairs."""
+        items = item_rows if item_rows is not None else torch.arange(self.state.num_items)
+        v_all = self.item_vectors().index_select(0, items)  # [I, D]
+        n_items = len(items)
+        item_ids = self.state.items["item_id"].index_select(0, items) if "item_id" in self.state.items else None
+        users = _take(self.state.users, user_rows)
+        target_aware = self.model.target_aware
+        u_all = None if target_aware else self.model.encode_users(users)  # [U, D]
+        per_chunk = max(1, chunk_pairs // max(n_items, 1))
+        fused_parts, prob_parts = [], []
+        for start in range(0, len(user_rows), per_chunk):
+            sl = slice(start, start + per_chunk)
+            n = len(user_rows[sl])
+            rep = torch.arange(start, start + n).repeat_interleave(n_items)  # [n*I]
+            v = v_all.repeat(n, 1)  # [n*I, D]
+            targets = item_ids.repeat(n) if item_ids is not None else None
+            # A target-aware user vector (DIN, BST) is encoded per candidate; else once per user.
+            u = self.model.encode_users(_take(users, rep), targets) if u_all is None else u_all.index_select(0, rep)
+            logits = self.model.score_interactions(u, v, None, targets)
+            probs = self.joint_probabilities(logits)
+            fused_parts.append(self.fuse(probs).reshape(n, n_items))
+            prob_parts.append({t: p.reshape(n, n_items) for t, p in probs.items()})
+        fused = torch.cat(fused_parts) if fused_parts else torch.zeros(0, n_items)
+        probs = {t: torch.cat([p[t] for p in prob_parts]) for t in self.scored_tasks} if prob_parts else {}
+        return fused, probs
+
+    def top_k(self, user_row: int, k: int, exclude_seen: bool | None = None,
+              candidates: Sequence[int] | np.ndarray | None = None,
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """The K best item rows for one known user: (item rows, fused scores, task probabilities)."""
+        items = torch.as_tensor(np.asarray(candidates, dtype=np.int64)) if candidates is not None else None
+        fused, probs = self.score(torch.tensor([user_row]), items)
+        scores = fused[0].clone()
+        item_rows = items.numpy() if items is not None else np.arange(self.state.num_items)
+        exclude = self.settings.exclude_seen if exclude_seen is None else exclude_seen
+        if exclude:
+            scores[torch.as_tensor(np.isin(item_rows, self.state.seen(user_row)))] = -torch.inf
+        k = min(k, int(torch.isfinite(scores).sum()))
+        best = torch.topk(scores, k).indices
+        return (item_rows[best.numpy()], scores[best].numpy(),
+                {t: p[0, best].numpy() for t, p in probs.items()})
+
+    def popular(self, k: int, candidates: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Cold start without user features: the most popular items (item rows, counts)."""
+        pop = self.state.popularity
+        rows = np.arange(len(pop)) if candidates is None else np.asarray(candidates, dtype=np.int64)
+        values = pop[torch.as_tensor(rows)]
+        best = torch.topk(values, min(k, len(rows))).indices.numpy()
+        return rows[best], values[best].numpy()
+
+    @torch.no_grad()
+    def related(self, item_row: int, task: TaskSpec, relation: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Items most likely in `relation` with an item, by the item-pair head over the catalogue."""
+        cls = list(task.classes).index(relation)
+        n = self.state.num_items
+        candidates = torch.tensor([i for i in range(n) if i != item_row], dtype=torch.int64)
+        anchor = _take(self.state.items, torch.full((len(candidates),), item_row, dtype=torch.int64))
+        batch = Batch("item_pairs", item=anchor, item_b=_take(self.state.items, candidates))
+        logits = self.model(batch)[task.name]
+        probs = torch.softmax(logits, -1)[:, cls] if task.type == "multiclass" else torch.sigmoid(logits)[:, cls]
+        best = torch.topk(probs, min(k, len(candidates))).indices
+        return candidates[best].numpy(), probs[best].numpy()
+
+
+def ranking_report(model: RecModel, data: EncodedData, spec: InputSpec, split: SplitIndex, config: Config,
+                   device: torch.device, max_users: int = 2000) -> dict[str, Any]:
+    """HR@K, NDCG@K, Recall@K of held-out positive interactions, training items excluded.
+
+    Users: those with a positive test interaction of the first binary interaction task (at most
+    `max_users`, sampled with the training seed); candidates: the whole catalogue.
+    """
+    root = _root_binary_task(spec)
+    if root is None or data.items is None or data.users is None:
+        return {}
+    state = build_serving_state(data, split, spec)
+    users: list[np.ndarray] = []
+    items: list[np.ndarray] = []
+    for batch in data.iter_batches("interactions", split.rows("interactions", "test"), 65536):
+        positive = ((batch.labels[root.name] > 0.5) & batch.masks[root.name]).numpy()
+        users.append(batch.user["user_key"].numpy()[positive])
+        items.append(batch.item["item_key"].numpy()[positive])
+    if not users or not np.concatenate(users).size:
+        return {}
+    user_keys, item_keys = np.concatenate(users), np.concatenate(items)
+    test_users = np.unique(user_keys)
+    if len(test_users) > max_users:
+        rng = np.random.default_rng(config.train.seed)
+        test_users = np.sort(rng.choice(test_users, max_users, replace=False))
+    keep = np.isin(user_keys, test_users)
+    position = np.searchsorted(test_users, user_keys[keep])
+    relevant = [item_keys[keep][position == i] for i in range(len(test_users))]
+    exclude = [state.seen(int(u)) for u in test_users]
+    recommender = Recommender(model.to(device), spec, state, config.recommend)
+    fused, _ = recommender.score(torch.as_tensor(test_users))
+    metrics = ranking_metrics(fused.cpu().numpy(), relevant, exclude, ks=config.train.ranking_k)
+    return {"task": root.name, "users": int(len(test_users)), "candidates": state.num_items, "metrics": metrics}

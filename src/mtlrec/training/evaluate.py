@@ -1,0 +1,104 @@
+"""Evaluation: predictions over a whole split, then every task's metrics (never averaged per batch)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtlrec.data.dataset import EncodedData
+from mtlrec.data.spec import SOURCE_OF_KIND, InputSpec, TaskSpec
+from mtlrec.metrics import PRIMARY_METRIC, higher_is_better, task_metrics
+from mtlrec.outputs import to_probabilities
+
+
+@dataclass
+class TaskPredictions:
+    """One task's outputs over a split, with its labels and mask (numpy, row-aligned)."""
+
+    task: TaskSpec
+    outputs: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray
+    groups: np.ndarray | None
+
+
+def sources_with_tasks(spec: InputSpec) -> list[str]:
+    """The sources that carry labels, in a fixed order (interactions first)."""
+    order = ["interactions", "users", "items", "item_pairs"]
+    used = {SOURCE_OF_KIND[t.kind] for t in spec.tasks}
+    return [s for s in order if s in used]
+
+
+@torch.no_grad()
+def predict_split(model: nn.Module, data: EncodedData, spec: InputSpec, rows: Mapping[str, np.ndarray],
+                  batch_size: int, device: torch.device) -> dict[str, TaskPredictions]:
+    """Run the model over the given rows of every source and collect each task's probabilities."""
+    was_training = model.training
+    model.eval()
+    result: dict[str, TaskPredictions] = {}
+    for source, source_rows in rows.items():
+        if len(source_rows) == 0:
+            continue
+        chunks: dict[str, list[np.ndarray]] = {}
+        labels: dict[str, list[np.ndarray]] = {}
+        masks: dict[str, list[np.ndarray]] = {}
+        groups: list[np.ndarray] = []
+        for batch in data.iter_batches(source, source_rows, batch_size):
+            if "user_key" in batch.user:
+                groups.append(batch.user["user_key"].numpy())
+            batch = batch.to(device)
+            logits = model(batch)
+            for name, value in logits.items():
+                task = spec.task(name)
+                chunks.setdefault(name, []).append(to_probabilities(task, value).float().cpu().numpy())
+                labels.setdefault(name, []).append(batch.labels[name].cpu().numpy())
+                masks.setdefault(name, []).append(batch.masks[name].cpu().numpy())
+        for name in chunks:
+            result[name] = TaskPredictions(spec.task(name), np.concatenate(chunks[name]),
+                                           np.concatenate(labels[name]), np.concatenate(masks[name]),
+                                           np.concatenate(groups) if groups else None)
+    model.train(was_training)
+    return result
+
+
+def metrics_of(predictions: Mapping[str, TaskPredictions]) -> dict[str, dict[str, float]]:
+    """Every task's metrics on its labelled rows."""
+    out: dict[str, dict[str, float]] = {}
+    for name, pred in predictions.items():
+        keep = pred.mask.astype(bool)
+        if not keep.any():
+            continue
+        groups = pred.groups[keep] if pred.groups is not None else None
+        out[name] = task_metrics(pred.task.type, pred.labels[keep], pred.outputs[keep], groups)
+    return out
+
+
+def evaluate(model: nn.Module, data: EncodedData, spec: InputSpec, rows: Mapping[str, np.ndarray],
+             batch_size: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """Metrics of every task on the given rows of each source."""
+    return metrics_of(predict_split(model, data, spec, rows, batch_size, device))
+
+
+def selection_score(metrics: Mapping[str, Mapping[str, float]], spec: InputSpec, metric: str) -> float:
+    """The number early stopping maximises.
+
+    `auto`: the mean over tasks of each task's primary metric, negated where lower is better.
+    `<task>.<metric>`: that one value, oriented the same way.
+    """
+    if metric != "auto":
+        task_name, _, name = metric.partition(".")
+        value = metrics[task_name][name]
+        return value if higher_is_better(name) else -value
+    values = []
+    for task in spec.tasks:
+        if task.name not in metrics:
+            continue
+        name = PRIMARY_METRIC[task.type]
+        value = metrics[task.name].get(name, float("nan"))
+        if np.isfinite(value):
+            values.append(value if higher_is_better(name) else -value)
+    return float(np.mean(values)) if values else float("nan")
