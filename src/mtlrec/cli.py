@@ -106,6 +106,38 @@ def recommend(
     out_console.print(frame_table(f"top {k} for user {user}", frame))
 
 
+@app.command()
+def serve(
+    run: Annotated[Path, typer.Argument(help="A run directory written by `mtlrec train`.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes (limits apply per worker).")] = 1,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="TLS certificate (PEM): serve HTTPS.")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    api_keys_file: Annotated[Path | None, typer.Option(
+        help="File of API keys, one per line (also: MTLREC_API_KEYS, comma-separated).")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="Serve WITHOUT API keys; for local use only.")] = False,
+) -> None:
+    """Serve a run over HTTP: recommend, predict, classify, relate (settings: MTLREC_* variables)."""
+    from mtlrec.serve import serve_command
+
+    serve_command(run, host, port, workers, ssl_certfile, ssl_keyfile, api_keys_file,
+                  insecure_no_auth=insecure_no_auth)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A run directory.")],
+    out: Annotated[Path, typer.Option("--out", help="File to write, e.g. ranking.onnx.")],
+    fmt: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+) -> None:
+    """Export the ranking model (every interaction task) for ONNX Runtime."""
+    from mtlrec.export import export_run
+
+    out_console.print(f"wrote {export_run(run, out, fmt)}")
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Folder to write the tables and config.yaml into.")],

@@ -26,6 +26,7 @@ from mtlrec.models.encoders import missing_features
 from mtlrec.models.model import RecModel, build_model
 from mtlrec.outputs import to_probabilities
 from mtlrec.recommend import Recommender, ServingState
+from mtlrec.serve.integrity import verify_manifest
 from mtlrec.training.checkpoint import load_tensors
 from mtlrec.training.evaluate import evaluate, sources_with_tasks
 
@@ -86,6 +87,7 @@ class Predictor:
     def load(cls, run_dir: str | Path) -> Predictor:
         run = Path(run_dir)
         _require_run(run)
+        verify_manifest(run)
         config, _ = load_config(run / "config.yaml")
         schema = Schema.load(run, config)
         return cls(config, schema, load_model(run, config, schema.spec_), ServingState.load(run))
@@ -95,7 +97,7 @@ class Predictor:
         return [t.name for t in self.spec.tasks]
 
     # -- entities ----------------------------------------------------------------------------
-    def _entity(self, fields: dict[str, Tensor], group: str, rows: np.ndarray) -> dict[str, Tensor]:
+    def entity_fields(self, fields: dict[str, Tensor], group: str, rows: np.ndarray) -> dict[str, Tensor]:
         """Fields of entity rows; unknown ids (row -1) get missing features and the OOV id."""
         known = rows >= 0
         safe = torch.as_tensor(np.where(known, rows, 0), dtype=torch.int64)
@@ -136,9 +138,9 @@ class Predictor:
         user: dict[str, Tensor] = {}
         item: dict[str, Tensor] = {}
         if data.user_id is not None:
-            user = self._entity(self.state.users, "user", self._user_rows(self._column(frame, data.user_id)))
+            user = self.entity_fields(self.state.users, "user", self._user_rows(self._column(frame, data.user_id)))
         if data.item_id is not None:
-            item = self._entity(self.state.items, "item", self._item_rows(self._column(frame, data.item_id)))
+            item = self.entity_fields(self.state.items, "item", self._item_rows(self._column(frame, data.item_id)))
         context = self.schema.encode_context(frame)
         logits = self.model(Batch("interactions", user=user, item=item, context=context))
         out = frame[[c for c in (data.user_id, data.item_id) if c is not None]].copy()
@@ -171,14 +173,14 @@ class Predictor:
     def classify_users(self, user_ids: Sequence[Any]) -> pd.DataFrame:
         """Every user task's predicted class (and probabilities) for the given users."""
         rows = self._user_rows(user_ids)
-        logits = self.model(Batch("users", user=self._entity(self.state.users, "user", rows)))
+        logits = self.model(Batch("users", user=self.entity_fields(self.state.users, "user", rows)))
         return self._append(pd.DataFrame({"user_id": list(user_ids), "known": rows >= 0}), logits)
 
     @torch.no_grad()
     def classify_items(self, item_ids: Sequence[Any]) -> pd.DataFrame:
         """Every item task's predicted class (and probabilities) for the given items."""
         rows = self._item_rows(item_ids)
-        logits = self.model(Batch("items", item=self._entity(self.state.items, "item", rows)))
+        logits = self.model(Batch("items", item=self.entity_fields(self.state.items, "item", rows)))
         return self._append(pd.DataFrame({"item_id": list(item_ids), "known": rows >= 0}), logits)
 
     @torch.no_grad()
@@ -186,8 +188,8 @@ class Predictor:
         """Every item-pair task's predicted relation (and probability) of item pairs."""
         if len(items_a) != len(items_b):
             raise DataError(f"relate needs as many first items as second items, got {len(items_a)} and {len(items_b)}")
-        a = self._entity(self.state.items, "item", self._item_rows(items_a))
-        b = self._entity(self.state.items, "item", self._item_rows(items_b))
+        a = self.entity_fields(self.state.items, "item", self._item_rows(items_a))
+        b = self.entity_fields(self.state.items, "item", self._item_rows(items_b))
         logits = self.model(Batch("item_pairs", item=a, item_b=b))
         return self._append(pd.DataFrame({"item_a": list(items_a), "item_b": list(items_b)}), logits)
 
