@@ -8,8 +8,6 @@ labels) into an `EncodedData` of contiguous tensors. The schema saves to one JSO
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mtlrec.atomic import atomic_write_text
 from mtlrec.config import Config, FeatureConfig, TaskConfig
 from mtlrec.data.dataset import EncodedData, EntityTable, HistoryIndex, SourceData
 from mtlrec.data.encoders import (
@@ -557,16 +556,7 @@ class Schema:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / SCHEMA_FILE
         text = json.dumps(self.to_dict(), allow_nan=False, ensure_ascii=False)
-        fd, tmp = tempfile.mkstemp(prefix=".schema-", suffix=".json", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, text)
         return path
 
     @classmethod

@@ -13,12 +13,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mtlrec.atomic import atomic_write_text
 from mtlrec.errors import ArtifactError
 
 MANIFEST_FILE = "manifest.json"
@@ -51,16 +50,7 @@ def write_manifest(run_dir: str | Path, files: Iterable[str] = ARTIFACT_FILES, k
     if key is not None:
         doc["hmac_sha256"] = _signature(entries, key)
     path = run / MANIFEST_FILE
-    fd, tmp = tempfile.mkstemp(dir=run, prefix=f".{MANIFEST_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(doc, indent=2, sort_keys=True))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True))
     return path
 
 
