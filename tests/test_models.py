@@ -374,10 +374,11 @@ def test_sparse_embedding_parameters() -> None:
     torch.manual_seed(0)
     model = build_model(SPEC, tiny_config(), sparse=True)
     assert isinstance(model, MultiTaskModel)
-    assert model.sparse_parameters() == [model.embedding.weight]
+    assert model.wide is not None
+    assert model.sparse_parameters() == [model.embedding.weight, model.wide.weight]
     dense = model.dense_parameters()
-    assert all(p is not model.embedding.weight for p in dense)
-    assert len(dense) + 1 == len(list(model.parameters()))
+    assert all(p is not model.embedding.weight and p is not model.wide.weight for p in dense)
+    assert len(dense) + 2 == len(list(model.parameters()))
     batch = random_batch(SPEC, "interactions")
     masked_loss(SPEC, model(batch), batch).backward()
     assert model.embedding.weight.grad is not None and model.embedding.weight.grad.is_sparse
@@ -385,7 +386,8 @@ def test_sparse_embedding_parameters() -> None:
     torch.optim.Adam(dense).step()
     assert build_model(SPEC, tiny_config()).sparse_parameters() == []
     isolated = build_model(SPEC, tiny_config(backbone="single"), sparse=True)
-    assert len(isolated.sparse_parameters()) == len(SPEC.tasks)
+    # One table per task's model, plus a wide table in each interaction task's model.
+    assert len(isolated.sparse_parameters()) == len(SPEC.tasks) + len(SPEC.tasks_of("interaction"))
 
 
 @pytest.mark.parametrize("backbone", BACKBONES.names())

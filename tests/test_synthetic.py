@@ -113,7 +113,7 @@ def test_funnel_is_consistent(world: SyntheticWorld) -> None:
     assert 0.15 <= inter["click"].mean() <= 0.30
     clicked = inter["click"] == 1
     assert inter.loc[clicked, "like"].mean() == pytest.approx(0.35, abs=0.03)
-    assert inter.loc[clicked, "purchase"].mean() == pytest.approx(0.15, abs=0.03)
+    assert inter.loc[clicked, "purchase"].mean() == pytest.approx(0.30, abs=0.03)
     assert ((p > 0) & (p < 1)).all().all()
     # the oracle's like / purchase columns are P(. | click): calibrated on clicked rows
     assert p.loc[clicked, "like"].mean() == pytest.approx(inter.loc[clicked, "like"].mean(), abs=0.02)

@@ -146,6 +146,8 @@ class ModelConfig(_Strict):
     tower_hidden: list[int] = [32]
     head_hidden: list[int] = [32]
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    wide: bool = True
+    entity_id_gradients: bool = False
 
 
 class EarlyStoppingConfig(_Strict):
@@ -166,6 +168,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(512, ge=1)
     aux_passes: float = Field(1.0, gt=0.0)
     lr: float = Field(1e-3, gt=0.0)
+    embedding_lr: float | None = Field(None, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     sparse_embeddings: Literal["auto", "on", "off"] = "auto"
     sparse_threshold: int = Field(1_000_000, ge=1)
@@ -177,6 +180,7 @@ class TrainConfig(_Strict):
     device: str = "auto"
     early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()
     checkpoint_every: int = Field(0, ge=0)
+    diagnostics_every: int = Field(50, ge=0)
     eval_batch_size: int = Field(8192, ge=1)
     ranking_k: list[int] = [10]
     progress: bool = True

@@ -92,7 +92,10 @@ def build_serving_state(data: EncodedData, split: SplitIndex, spec: InputSpec) -
     n_users = data.users.num_rows if data.users is not None else 0
     n_items = data.items.num_rows if data.items is not None else 0
     train_rows = split.rows("interactions", "train")
-    user_rows, item_rows = data.seen_items(train_rows)
+    if data.users is not None and data.items is not None:
+        user_rows, item_rows = data.seen_items(train_rows)
+    else:  # no user or item ids (Census, CTR logs, item-only catalogues): no seen items
+        user_rows = item_rows = np.zeros(0, dtype=np.int64)
     pairs = np.unique(np.stack([user_rows, item_rows], axis=1).reshape(-1, 2), axis=0)
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     np.add.at(indptr, pairs[:, 0] + 1, 1)

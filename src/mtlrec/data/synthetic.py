@@ -10,7 +10,7 @@ Users (i = 1..n_users)::
 
     z_i ~ Cat(pi),  pi ~ Dirichlet(8 * 1_K)               hidden segment
     u_i = mu_{z_i} + s_u * e_i,  mu_k, e_i ~ N(0, I_d)    latent taste (s_u = user_noise)
-    age_band_i = A[z_i] w.p. 0.8, else uniform over 6 bands   (informative; `age_signal`)
+    age_band_i = A[z_i] w.p. 0.99, else uniform over 6 bands  (informative; `age_signal`)
     region_i   = R[z_i] w.p. 0.5, else uniform over regions   (weaker; `region_signal`)
                A, R: distinct preferred values per segment while there are enough values
     activity_i = exp(r_i), r_i ~ N(0, 0.5^2)                      (numeric)
@@ -22,7 +22,7 @@ Items (j = 1..n_items)::
     c_j ~ Cat(kappa),  kappa ~ Dirichlet(8 * 1_C)          hidden category
     v_j = nu_{c_j} + s_v * f_j,  nu_c, f_j ~ N(0, I_d)     latent profile (s_v = item_noise)
     log price_j ~ N(m_{c_j}, 0.35^2), m = a permutation of linspace(1.5, 5, C)
-    brand_j = one of the brands of c_j (brand b belongs to category b mod C) w.p. 0.85,
+    brand_j = one of the brands of c_j (brand b belongs to category b mod C) w.p. 0.99 (`brand_signal`),
               else uniform over all brands (spill)
     log pop_j ~ N(0, 1), q_j ~ N(0, 0.4^2)                 popularity, quality (hidden)
     category_j = c_j w.p. rho_c = 0.85, else uniform over C
@@ -256,7 +256,8 @@ class SyntheticWorld:
             ],
             # dropout: without it the id embeddings memorise the user and item labels
             "model": {"backbone": "ple", "dropout": 0.2},
-            "train": {"epochs": 5, "batch_size": 512, "lr": 0.002, "seed": 0},
+            "train": {"epochs": 8, "batch_size": 512, "lr": 0.002, "aux_passes": 2.0, "seed": 0,
+                      "early_stopping": {"metric": "auto", "patience": 3}},
             "recommend": {"k": 10, "fusion": {"click": 1.0, "like": 0.5, "purchase": 2.0}},
         }
 
@@ -283,9 +284,9 @@ def _world_task(task: str) -> tuple[str, str, str | None]:
 def make_world(
     *,
     n_users: int = 2000,
-    n_items: int = 500,
+    n_items: int = 1000,
     impressions_per_user: int = 60,
-    n_pairs: int = 5000,
+    n_pairs: int = 8000,
     seed: int = 0,
     n_segments: int = 5,
     n_categories: int = 8,
@@ -294,14 +295,15 @@ def make_world(
     n_tags: int = 6,
     n_regions: int = 6,
     span_days: int = 60,
-    user_noise: float = 0.2,
-    item_noise: float = 0.2,
+    user_noise: float = 0.1,
+    item_noise: float = 0.1,
     affinity_scale: float = 1.3,
-    age_signal: float = 0.8,
+    age_signal: float = 0.99,
     region_signal: float = 0.5,
+    brand_signal: float = 0.99,
     click_rate: float = 0.2,
     like_rate: float = 0.35,
-    purchase_rate: float = 0.15,
+    purchase_rate: float = 0.3,
     segment_label_accuracy: float = 0.9,
     category_label_accuracy: float = 0.85,
 ) -> SyntheticWorld:
@@ -320,6 +322,7 @@ def make_world(
         affinity_scale: weight of the user-item affinity in the click logit (sets the oracle AUC).
         age_signal, region_signal: P(age_band / region = the segment's preferred value): how much
             the user features reveal the hidden segment.
+        brand_signal: P(an item's brand belongs to its hidden category).
         click_rate, like_rate, purchase_rate: target mean P(click), P(like | click),
             P(purchase | click).
         segment_label_accuracy, category_label_accuracy: P(label = hidden class).
@@ -362,7 +365,7 @@ def make_world(
     log_price = np.log(price)  # the rounded price is what a model sees, and what the truth uses
     brands_per_cat = (n_brands - np.arange(n_categories) + n_categories - 1) // n_categories
     own_brand = c + n_categories * np.floor(rng.random(n_items) * brands_per_cat[c]).astype(np.int64)
-    brand = np.where(rng.random(n_items) < 0.85, own_brand, rng.integers(0, n_brands, n_items))
+    brand = np.where(rng.random(n_items) < brand_signal, own_brand, rng.integers(0, n_brands, n_items))
     log_pop = rng.normal(size=n_items)
     quality = 0.4 * rng.normal(size=n_items)
     category, category_probs = _noisy_label(rng, c, n_categories, category_label_accuracy)
@@ -480,7 +483,7 @@ def _check_world_args(p: dict[str, Any]) -> None:
                  "category_label_accuracy"):
         if not 0.0 < p[name] < 1.0 and not (name.endswith("accuracy") and p[name] == 1.0):
             raise ValueError(f"make_world: {name} must be in (0, 1), got {p[name]}")
-    for name in ("age_signal", "region_signal"):
+    for name in ("age_signal", "region_signal", "brand_signal"):
         if not 0.0 <= p[name] <= 1.0:
             raise ValueError(f"make_world: {name} must be in [0, 1], got {p[name]}")
     for name in ("user_noise", "item_noise", "affinity_scale"):

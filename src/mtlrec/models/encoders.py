@@ -5,7 +5,7 @@ Also holds `MLP`, the building block that encoders, backbones and heads share.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -190,13 +190,15 @@ class GroupEncoder(nn.Module):
                    for f, p in zip(self.sequences, self.poolings, strict=True))
 
     def forward(self, features: Mapping[str, Tensor], embedding: FeatureEmbedding,
-                target: Tensor | None = None) -> Tensor:
+                target: Tensor | None = None, detach: Collection[str] = ()) -> Tensor:
         """Encode a group.
 
         Args:
             features: field name -> tensor (shapes as in `FieldSpec`).
             embedding: the shared table.
             target: int64 [B] candidate item indices in `target_vocab`, or None.
+            detach: categorical fields whose embeddings pass no gradient back (see
+                `ModelConfig.entity_id_gradients`).
         Returns:
             [B, encoder_dim]
         """
@@ -208,8 +210,8 @@ class GroupEncoder(nn.Module):
         slots: list[Tensor] = []
         for f in self.lookups:
             idx = features[f.name]
-            slots.append(embedding.lookup(f.vocab, idx) if f.kind == "categorical"
-                         else embedding.pooled(f.vocab, idx))  # [B, D]
+            vec = embedding.lookup(f.vocab, idx) if f.kind == "categorical" else embedding.pooled(f.vocab, idx)
+            slots.append(vec.detach() if f.name in detach else vec)  # [B, D]
         if self.numerics:
             x = torch.stack([features[f.name] for f in self.numerics], dim=1)  # [B, N, 2]
             num = torch.einsum("bnk,nkd->bnd", x, self.numeric_weight) + self.numeric_bias  # [B, N, D]

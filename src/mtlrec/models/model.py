@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import cast
 
 import torch
@@ -121,10 +121,22 @@ class RecModel(nn.Module):
         """Task -> gate weights [B, E] of the last interaction forward; empty without gates."""
         return {}
 
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """Every embedding table (they train with their own learning rate)."""
+        return _unique(cast(nn.Parameter, m.weight) for m in self.modules() if isinstance(m, FeatureEmbedding))
+
     def sparse_parameters(self) -> list[nn.Parameter]:
         """Embedding tables built with sparse gradients (for a sparse optimiser)."""
-        return _unique(cast(nn.Parameter, m.weight) for m in self.modules()
-                       if isinstance(m, FeatureEmbedding) and m.sparse)
+        return [p for p, m in zip(self.embedding_parameters(), self._embeddings(), strict=True) if m.sparse]
+
+    def _embeddings(self) -> list[FeatureEmbedding]:
+        seen: set[int] = set()
+        out = []
+        for m in self.modules():
+            if isinstance(m, FeatureEmbedding) and id(m.weight) not in seen:
+                seen.add(id(m.weight))
+                out.append(m)
+        return out
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Every parameter not in `sparse_parameters()`."""
@@ -178,11 +190,32 @@ class MultiTaskModel(RecModel):
         self.item_encoder = GroupEncoder(item_fields, config) if use_item else None
         self.context_encoder = GroupEncoder(context_fields, config, target_vocab) if use_context else None
         self.context_fields: tuple[FieldSpec, ...] = context_fields if use_context else ()
+        self.user_fields: tuple[FieldSpec, ...] = user_fields if use_user else ()
+        self.item_fields: tuple[FieldSpec, ...] = item_fields if use_item else ()
+
+        # The wide (first-order) part, as in Wide & Deep (Cheng et al., DLRS 2016): a learned bias
+        # per categorical value and interaction-task output, added to the deep logits. Per-item
+        # and per-user effects (popularity, quality) then need no detour through the encoders,
+        # which on sparse ids learn them slowly and overfit instead.
+        self.wide_slices: dict[str, slice] = {}
+        if interaction and config.wide:
+            start = 0
+            for t in interaction:
+                self.wide_slices[t.name] = slice(start, start + t.num_outputs)
+                start += t.num_outputs
+        self.wide_dim = sum(s.stop - s.start for s in self.wide_slices.values())
+        wide_vocabs = {f.vocab for f in used if f.kind in ("categorical", "multi_categorical")}
+        self.wide: FeatureEmbedding | None = None
+        if self.wide_dim and wide_vocabs:
+            self.wide = FeatureEmbedding({v: spec.vocab_sizes[v] for v in sorted(wide_vocabs)}, self.wide_dim, sparse)
+            nn.init.zeros_(self.wide.weight)
 
         self.backbone: Backbone | None = None
         self.towers = nn.ModuleDict()
         if interaction:
-            in_dim = self.user_dim + self.item_dim + (D if use_context else 0) + \
+            deep_u = self.user_encoder.out_dim if self.user_encoder is not None else 0
+            deep_v = self.item_encoder.out_dim if self.item_encoder is not None else 0
+            in_dim = deep_u + deep_v + (D if use_context else 0) + \
                 (D if use_user and use_item else 0)
             if in_dim == 0:
                 raise ConfigError("interaction tasks need at least one user, item or context field; "
@@ -208,11 +241,27 @@ class MultiTaskModel(RecModel):
 
     @property
     def user_dim(self) -> int:
-        return self.user_encoder.out_dim if self.user_encoder is not None else 0
+        return self.user_encoder.out_dim + self._wide_width if self.user_encoder is not None else 0
 
     @property
     def item_dim(self) -> int:
-        return self.item_encoder.out_dim if self.item_encoder is not None else 0
+        return self.item_encoder.out_dim + self._wide_width if self.item_encoder is not None else 0
+
+    @property
+    def _wide_width(self) -> int:
+        """Width of the wide logits carried at the end of the user and item vectors."""
+        return self.wide_dim if self.wide is not None else 0
+
+    def _wide_logits(self, features: Mapping[str, Tensor], fields: tuple[FieldSpec, ...], rows: int) -> Tensor:
+        """Sum of the wide biases of a group's categorical values: [B, wide_dim]."""
+        assert self.wide is not None
+        out = torch.zeros(rows, self.wide_dim, device=self.wide.weight.device)
+        for f in fields:
+            if f.kind == "categorical":
+                out = out + self.wide.lookup(f.vocab, features[f.name])
+            elif f.kind == "multi_categorical":
+                out = out + self.wide.pooled(f.vocab, features[f.name])
+        return out
 
     @property
     def target_aware(self) -> bool:
@@ -242,27 +291,56 @@ class MultiTaskModel(RecModel):
         if batch.source == "users":
             if not self.user_heads:
                 return {}
-            u = self.encode_users(batch.user)  # [B, D]
+            u = self._encode_users(batch.user, detach=self._entity_detach)  # [B, D]
             return {name: head(u) for name, head in self.user_heads.items()}
         if batch.source == "items":
             if not self.item_heads:
                 return {}
-            v = self.encode_items(batch.item)  # [B, D]
+            v = self._encode_items(batch.item, self._entity_detach)  # [B, D]
             return {name: head(v) for name, head in self.item_heads.items()}
         if not self.pair_heads:
             return {}
-        va, vb = self.encode_items(batch.item), self.encode_items(batch.item_b)  # [B, D] each
+        va = self._encode_items(batch.item, self._entity_detach)  # [B, D]
+        vb = self._encode_items(batch.item_b, self._entity_detach)  # [B, D]
         return {name: head(va, vb) for name, head in self.pair_heads.items()}
 
+    def _encode_users(self, user: Mapping[str, Tensor], target_items: Tensor | None = None,
+                      detach: Collection[str] = ()) -> Tensor:
+        """The user encoder's output alone (what user heads see): [B, encoder_dim]."""
+        assert self.user_encoder is not None
+        return self.user_encoder(user, self.embedding, target_items, detach)  # [B, D]
+
+    def _encode_items(self, item: Mapping[str, Tensor], detach: Collection[str] = ()) -> Tensor:
+        assert self.item_encoder is not None
+        return self.item_encoder(item, self.embedding, None, detach)  # [B, D]
+
+    @property
+    def _entity_detach(self) -> tuple[str, ...]:
+        """Id fields that user, item and pair heads read without training them.
+
+        Those tasks are split by entity: a test user's id embedding is shaped by interactions
+        only. Letting label gradients into training users' id embeddings would make them encode
+        the labels directly, a representation test users never get (train/test mismatch).
+        """
+        return () if self.config.entity_id_gradients else (USER_ID, ITEM_ID)
+
     def encode_users(self, user: Mapping[str, Tensor], target_items: Tensor | None = None) -> Tensor:
+        """u [B, user_dim]: the encoder's output, then the user's wide logits (when wide)."""
         if self.user_encoder is None:
             return torch.zeros(_rows(user, target_items), 0, device=self.embedding.weight.device)
-        return self.user_encoder(user, self.embedding, target_items)  # [B, D]
+        u = self._encode_users(user, target_items)  # [B, D]
+        if self.wide is None:
+            return u
+        return torch.cat([u, self._wide_logits(user, self.user_fields, u.shape[0])], dim=-1)  # [B, D + W]
 
     def encode_items(self, item: Mapping[str, Tensor]) -> Tensor:
+        """v [B, item_dim]: the encoder's output, then the item's wide logits (when wide)."""
         if self.item_encoder is None:
             return torch.zeros(_rows(item, None), 0, device=self.embedding.weight.device)
-        return self.item_encoder(item, self.embedding)  # [B, D]
+        v = self._encode_items(item)  # [B, D]
+        if self.wide is None:
+            return v
+        return torch.cat([v, self._wide_logits(item, self.item_fields, v.shape[0])], dim=-1)  # [B, D + W]
 
     def score_interactions(self, u: Tensor, v: Tensor, context: Mapping[str, Tensor] | None = None,
                            target_items: Tensor | None = None) -> dict[str, Tensor]:
@@ -271,16 +349,31 @@ class MultiTaskModel(RecModel):
         if u.shape[-1] != self.user_dim or v.shape[-1] != self.item_dim or u.shape[0] != v.shape[0]:
             raise ValueError(f"score_interactions expects row-aligned u [B, {self.user_dim}] and "
                              f"v [B, {self.item_dim}], got {tuple(u.shape)} and {tuple(v.shape)}")
+        W = self._wide_width
+        rows = u.shape[0]
+        wide = torch.zeros(rows, W, device=u.device)  # [B, W]
+        if W and self.user_encoder is not None:
+            u, wide = u[:, :-W], wide + u[:, -W:]
+        if W and self.item_encoder is not None:
+            v, wide = v[:, :-W], wide + v[:, -W:]
         parts = [u, v]
         if self.context_encoder is not None:
             if context is None:
-                context = missing_features(self.context_fields, u.shape[0], u.device)
+                context = missing_features(self.context_fields, rows, u.device)
             parts.append(self.context_encoder(context, self.embedding, target_items))  # [B, Dc]
+            if W:
+                wide = wide + self._wide_logits(context, self.context_fields, rows)
         if self.user_encoder is not None and self.item_encoder is not None:
             parts.append(u * v)  # [B, D]
         x = torch.cat(parts, dim=-1)  # [B, Din]
         reps = self.backbone(x)  # task -> [B, H]
-        return {name: tower(reps[name]) for name, tower in self.towers.items()}
+        out = {}
+        for name, tower in self.towers.items():
+            logits = tower(reps[name])  # [B] or [B, C]
+            if W:
+                logits = logits + wide[:, self.wide_slices[name]].reshape(logits.shape)
+            out[name] = logits
+        return out
 
     def shared_parameters(self) -> list[nn.Parameter]:
         modules = [self.embedding, self.user_encoder, self.item_encoder, self.context_encoder]

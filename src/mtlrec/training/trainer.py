@@ -29,8 +29,10 @@ from mtlrec.data.split import SplitIndex, split_tables
 from mtlrec.data.tables import Tables, load_tables
 from mtlrec.errors import ArtifactError, ConfigError
 from mtlrec.models.model import RecModel, build_model
+from mtlrec.serve.integrity import write_manifest
 from mtlrec.training import checkpoint as ckpt
-from mtlrec.training.evaluate import evaluate, selection_score, sources_with_tasks
+from mtlrec.training.diagnostics import Diagnostics
+from mtlrec.training.evaluate import evaluate, metrics_of, predict_split, selection_score, sources_with_tasks
 from mtlrec.training.logging import RunLogger
 from mtlrec.training.losses import task_losses
 from mtlrec.training.weighting import WEIGHTINGS, Weighting
@@ -40,7 +42,8 @@ PARTS = ("train", "valid", "test")
 
 def train_step(model: RecModel, batches: Sequence[Batch], tasks: Sequence[TaskSpec], weighting: Weighting,
                optimizers: Sequence[torch.optim.Optimizer], clip_params: Sequence[nn.Parameter],
-               clip_norm: float | None) -> dict[str, Tensor]:
+               clip_norm: float | None, diagnostics: Diagnostics | None = None, step: int = 0
+               ) -> dict[str, Tensor]:
     """One optimisation step over one batch per source; returns the detached per-task losses."""
     losses: dict[str, Tensor] = {}
     for batch in batches:
@@ -49,7 +52,11 @@ def train_step(model: RecModel, batches: Sequence[Batch], tasks: Sequence[TaskSp
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     if losses:
-        weighting.backward(losses, model.shared_parameters())
+        if diagnostics is not None:
+            diagnostics.before_backward(step, losses, model)
+        weights = weighting.backward(losses, model.shared_parameters())
+        if diagnostics is not None:
+            diagnostics.on_step(step, losses, weights, model)
         if clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(clip_params, clip_norm)
         for opt in optimizers:
@@ -130,14 +137,22 @@ class Trainer:
         self.weighting = WEIGHTINGS.get(cfg.train.weighting)(
             [t.name for t in self.spec.tasks], task_weights, **cfg.train.weighting_params).to(self.device)
 
+        # Embedding rows see a gradient only when their id is in the batch, so they may train with
+        # their own (usually larger) learning rate; sparse tables get SparseAdam.
+        embedding_lr = cfg.train.embedding_lr or cfg.train.lr
         sparse_params = list(self.model.sparse_parameters())
+        embed_ids = {id(p) for p in self.model.embedding_parameters()}
         sparse_ids = {id(p) for p in sparse_params}
-        dense = [p for p in self.model.parameters() if id(p) not in sparse_ids]
-        self.clip_params = dense
+        dense_embeddings = [p for p in self.model.embedding_parameters() if id(p) not in sparse_ids]
+        dense = [p for p in self.model.parameters() if id(p) not in embed_ids]
+        self.clip_params = dense + dense_embeddings
+        groups: list[dict[str, Any]] = [{"params": dense + list(self.weighting.parameters())}]
+        if dense_embeddings:
+            groups.append({"params": dense_embeddings, "lr": embedding_lr})
         self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-            dense + list(self.weighting.parameters()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)]
+            groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)]
         if sparse_params:
-            self.optimizers.append(torch.optim.SparseAdam(sparse_params, lr=cfg.train.lr))
+            self.optimizers.append(torch.optim.SparseAdam(sparse_params, lr=embedding_lr))
 
         self.sources = sources_with_tasks(self.spec)
         self.main_source = self.sources[0]
@@ -216,6 +231,9 @@ class Trainer:
             self._load_checkpoint()
         else:
             self._write_static()
+        self.diagnostics = Diagnostics(self.out_dir, cfg.train.diagnostics_every)
+        if resume:
+            self.diagnostics.restore(self.progress.epoch, self.progress.step)
         show = cfg.train.progress if show_progress is None else show_progress
         logger = RunLogger(self.out_dir, show, append=resume)
         logger.info(f"split sizes: {self.split.sizes()}")
@@ -236,7 +254,8 @@ class Trainer:
                         if self.device.type != "cpu":
                             batches = [b.to(self.device) for b in batches]
                         losses = train_step(self.model, batches, tasks, self.weighting, self.optimizers,
-                                            self.clip_params, cfg.train.clip_norm)
+                                            self.clip_params, cfg.train.clip_norm, self.diagnostics,
+                                            self.progress.step)
                         for name, value in losses.items():
                             sums[name] = sums.get(name, 0.0) + value
                             counts[name] = counts.get(name, 0) + 1
@@ -246,6 +265,7 @@ class Trainer:
                             self._save_checkpoint()
                 train_losses = {n: float(sums[n]) / counts[n] for n in sums}
                 self.weighting.on_epoch_end(train_losses)
+                self.diagnostics.on_epoch_end(epoch + 1, self.progress.step)
                 self._end_epoch(epoch, train_losses, logger)
                 if stop is not None and self.progress.stale_epochs >= stop.patience:
                     logger.info(f"early stopping after epoch {epoch + 1}: no improvement for "
@@ -301,8 +321,10 @@ class Trainer:
         tensors, _ = ckpt.load_tensors(self.out_dir / "weights.safetensors")
         self.model.load_state_dict(tensors)
         cfg = self.config
-        test = evaluate(self.model, self.data, self.spec, self._rows("test"), cfg.train.eval_batch_size,
-                        self.device)
+        predictions = predict_split(self.model, self.data, self.spec, self._rows("test"),
+                                    cfg.train.eval_batch_size, self.device)
+        test = metrics_of(predictions)
+        self.diagnostics.on_fit_end(predictions)
         valid = self.progress.history[self.progress.best_epoch - 1]["valid"] if self.progress.history else {}
         from mtlrec.recommend import ranking_report, save_serving_state
 
@@ -317,6 +339,7 @@ class Trainer:
             "train_seconds": round(seconds, 2),
         }
         ckpt.atomic_write_text(self.out_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
+        write_manifest(self.out_dir)
         return TrainResult(self.out_dir, metrics, self.progress.history)
 
 
