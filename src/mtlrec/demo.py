@@ -25,7 +25,7 @@ from mtlrec.metrics import PRIMARY_METRIC, higher_is_better
 from mtlrec.training.checkpoint import atomic_write_text
 from mtlrec.training.trainer import TrainResult, train
 
-DEMO_OVERRIDES = ["train.epochs=4"]
+DEMO_OVERRIDES = ["train.ranking_k=[1,5,10,20,50]"]
 
 
 def compare(multi: TrainResult, single: TrainResult, oracle: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -106,6 +106,10 @@ def run_demo(out: Path, seed: int = 0, epochs: int | None = None, console: Conso
     for relation in ("substitute", "complement"):
         related = predictor.related_items(item, relation, k=5)
         console.print(frame_table(f"top {relation}s of item {item}", related))
+    from mtlrec.report import build_report
+
+    page = build_report(multi.run_dir, compare=[single.run_dir])
+    console.print(f"run report written to {page}")
     console.print(f"report written to {out / 'report.json'} ({report['seconds']} s)")
     return report
 
