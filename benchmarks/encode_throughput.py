@@ -1,6 +1,7 @@
 """Throughput of the data layer: split, fit and encode N synthetic interactions through `Schema`.
 
     python benchmarks/encode_throughput.py --rows 10000000
+    python benchmarks/encode_throughput.py --world      # the built-in synthetic world (demo data)
 
 Prints rows/s for each stage and the peak resident memory of the process. The data has five
 categorical features (context, user and item tables), two numeric ones, a behaviour sequence of
@@ -97,11 +98,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10_000_000, help="interactions to generate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--validate", action="store_true", help="also time validate_tables (leak checks)")
+    parser.add_argument("--world", action="store_true", help="encode the default synthetic world instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    config = make_config()
-    tables = timed("generate", args.rows, lambda: make_tables(args.rows, args.seed))
+    if args.world:
+        from mtlrec.data.synthetic import make_world
+
+        world = make_world(seed=args.seed)
+        config = config_from_dict(world.config_dict())
+        tables = Tables(**world.tables)
+        args.rows = len(tables.interactions)
+    else:
+        config = make_config()
+        tables = timed("generate", args.rows, lambda: make_tables(args.rows, args.seed))
     if args.validate:
         timed("validate", args.rows, lambda: validate_tables(tables, config))
     split = timed("split", args.rows, lambda: split_tables(tables, config))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any
 
 import typer
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mtlrec.display import frame_table
-from mtlrec.errors import MtlrecError
+from mtlrec.errors import ConfigError, MtlrecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Multi-task learning recommender systems: train, evaluate, predict, recommend.")
@@ -136,6 +137,73 @@ def export(
     from mtlrec.export import export_run
 
     out_console.print(f"wrote {export_run(run, out, fmt)}")
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="A run directory written by `mtlrec train`.")],
+    compare: Annotated[list[Path] | None, typer.Option(
+        "--compare", help="Another run to lay beside it; repeat for more (--compare A --compare B).")] = None,
+) -> None:
+    """Write RUN/report.html (self-contained) and its PNGs: curves, deltas, conflict, experts, calibration."""
+    from mtlrec.report import build_report
+
+    out_console.print(f"report written to {build_report(run, compare or ())}")
+
+
+@data_app.command("import")
+def data_import(
+    name: Annotated[str, typer.Argument(help="Loader: movielens, census_income, amazon_meta, aliexpress, ali_ccp.")],
+    path: Annotated[Path, typer.Option("--path", help="Folder holding the publisher's files.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the Parquet tables and config.yaml into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the split written into the config (and of sampling).")] = 0,
+) -> None:
+    """Import a public dataset from a local folder (nothing downloads): Parquet tables and a ready config.yaml."""
+    from mtlrec.datasets import load_dataset
+
+    dataset = load_dataset(name, path, seed=seed)
+    config_path = dataset.write(out)
+    for table, frame in dataset.tables.items():
+        out_console.print(f"{table}: {len(frame):,} rows")
+    for note in dataset.notes:
+        out_console.print(note, markup=False, highlight=False)
+    out_console.print(f"wrote {out} ; train with: mtlrec train {config_path} --out runs/{name}")
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (the scripts under benchmarks/ of a source checkout).")
+app.add_typer(bench_app, name="bench")
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _benchmark(name: str) -> ModuleType:
+    """Load benchmarks/NAME.py of the source checkout this package is installed from."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    if not path.is_file():
+        raise ConfigError(f"benchmark script '{path}' not found; `mtlrec bench` runs from a source checkout "
+                          "installed with pip install -e .")
+    spec = importlib.util.spec_from_file_location(f"mtlrec_bench_{name}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load benchmark script '{path}'")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@bench_app.command("accuracy", add_help_option=False, context_settings=_PASS_THROUGH)
+def bench_accuracy(ctx: typer.Context) -> None:
+    """Multi-task beside single-task on public datasets: [--datasets ...] [--seeds N] [--budget tiny] [--out DIR]
+    (benchmarks/accuracy.py; --help lists every option)."""
+    raise typer.Exit(_benchmark("accuracy").main(list(ctx.args), prog="mtlrec bench accuracy"))
+
+
+@bench_app.command("mmoe-synthetic", add_help_option=False, context_settings=_PASS_THROUGH)
+def bench_mmoe_synthetic(ctx: typer.Context) -> None:
+    """The MMoE paper's correlation study: [--seeds N] [--rows N] [--epochs N] [--out DIR]
+    (benchmarks/mmoe_synthetic.py; --help lists every option)."""
+    raise typer.Exit(_benchmark("mmoe_synthetic").main(list(ctx.args), prog="mtlrec bench mmoe-synthetic"))
 
 
 @data_app.command("synth")

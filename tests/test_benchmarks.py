@@ -1,0 +1,105 @@
+"""The accuracy and MMoE-synthetic benchmarks end to end on a tiny budget, and their arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from test_datasets import write_census, write_ml100k
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+accuracy = _module("accuracy")
+mmoe_bench = _module("mmoe_synthetic")
+
+
+def test_summary_diff_delta_m_and_negative_transfer_by_hand() -> None:
+    tasks = {"click": {"type": "binary", "metric": "auc"}, "rating": {"type": "regression", "metric": "rmse"}}
+    runs = [
+        {"model": "single", "seed": 0, "scores": {"click": 0.70, "rating": 1.00}, "seconds": 1.0},
+        {"model": "single", "seed": 1, "scores": {"click": 0.74, "rating": 1.00}, "seconds": 1.0},
+        {"model": "mmoe", "seed": 0, "scores": {"click": 0.77, "rating": 1.10}, "seconds": 2.0},
+        {"model": "mmoe", "seed": 1, "scores": {"click": 0.77, "rating": 1.10}, "seconds": 2.0},
+    ]
+    summary = accuracy.summarize(runs, tasks, ["single", "mmoe"])
+    assert summary["single"]["tasks"]["click"]["mean"] == pytest.approx(0.72)
+    assert summary["single"]["tasks"]["click"]["std"] == pytest.approx(math.sqrt(0.0008))  # ddof=1
+    mmoe = summary["mmoe"]
+    assert mmoe["diff"] == pytest.approx({"click": 0.05, "rating": 0.10})
+    # click: +0.05 / 0.72; rating (lower is better): -(0.10 / 1.00); mean of the two, in percent.
+    assert mmoe["delta_m"] == pytest.approx(100 * (0.05 / 0.72 - 0.10) / 2)
+    assert mmoe["negative_transfer"] == ["rating"]
+    table = accuracy.markdown({"dataset": "toy", "config": "config.yaml", "tasks": tasks, "summary": summary,
+                               "seeds": [0, 1], "seeded_split": True, "budget": "tiny", "notes": ["A note."],
+                               "bench_note": ""})
+    assert "| `mmoe` | 0.7700 \u00b1 0.0000 (+0.0500) | 1.1000 \u00b1 0.0000 (+0.1000 **NT**) | \u22121.528% | " \
+           "rating (2/2 seeds worse) |" in table
+    assert mmoe["worse_seeds"] == {"click": [0, 2], "rating": [2, 2]}
+    assert "rating rmse \u2193" in table and "A note." in table
+
+
+def test_accuracy_benchmark_end_to_end_on_tiny_files(tmp_path: Path) -> None:
+    census = write_census(tmp_path / "census", n_test=160)
+    movielens = write_ml100k(tmp_path / "ml", n=500)
+    out = tmp_path / "out"
+    code = accuracy.main(["--datasets", "census_income", "movielens", "--seeds", "2", "--budget", "tiny",
+                          "--path", f"census_income={census}", "--path", f"movielens={movielens}",
+                          "--threads", "1", "--out", str(out)])
+    assert code == 0
+    text = (out / "accuracy.md").read_text()
+    assert "**census_income**" in text and "**movielens**" in text
+    assert "50/25/25" in text  # the caption says how Census-Income was split
+    for model in accuracy.ALL_MODELS:
+        assert f"| `{model}` |" in text
+    doc = json.loads((out / "accuracy.json").read_text())
+    census_result = doc["datasets"][0]
+    assert len(census_result["runs"]) == 2 * len(accuracy.ALL_MODELS)
+    assert set(census_result["summary"]["mmoe"]["diff"]) == {"income", "marital"}
+    assert census_result["summary"]["single"]["delta_m"] is None
+    assert isinstance(census_result["summary"]["ple"]["delta_m"], float)
+    ml = doc["datasets"][1]
+    assert set(ml["tasks"]) == {"like", "rating", "gender", "age", "occupation", "genres", "relation"}
+    assert accuracy.main(["--render", str(out / "accuracy.json")]) == 0  # re-rendering a finished run
+
+
+def test_accuracy_rejects_a_bad_path_option() -> None:
+    with pytest.raises(SystemExit, match="--path must look like NAME=DIR"):
+        accuracy.main(["--datasets", "census_income", "--path", "nonsense"])
+
+
+def test_mmoe_synthetic_benchmark_end_to_end(tmp_path: Path) -> None:
+    code = mmoe_bench.main(["--seeds", "2", "--rows", "300", "--epochs", "1", "--correlations", "0.5", "1.0",
+                            "--threads", "1", "--out", str(tmp_path)])
+    assert code == 0
+    doc = json.loads((tmp_path / "mmoe_synthetic.json").read_text())
+    assert len(doc["records"]) == 2 * 2 * 3
+    assert set(doc["summary"]["0.5"]) == {"shared_bottom", "omoe", "mmoe"}
+    assert all(r["loss"] > 0 for r in doc["records"])
+    assert "Paper's finding" in (tmp_path / "mmoe_synthetic.md").read_text()
+    assert mmoe_bench.main(["--render", str(tmp_path / "mmoe_synthetic.json")]) == 0
+
+
+def test_mmoe_verdict_needs_a_widening_gap() -> None:
+    def summary(gaps: dict[float, float]) -> dict[str, dict[str, dict[str, float]]]:
+        return {str(p): {"shared_bottom": {"mean": 1.0 + g}, "mmoe": {"mean": 1.0}} for p, g in gaps.items()}
+
+    text, gaps = mmoe_bench.verdict(summary({0.5: 0.3, 0.9: 0.1, 1.0: 0.0}), [0.5, 0.9, 1.0])
+    assert text.startswith("reproduces") and gaps == pytest.approx([0.3, 0.1, 0.0])
+    assert mmoe_bench.verdict(summary({0.5: 0.0, 0.9: 0.1, 1.0: 0.2}), [0.5, 0.9, 1.0])[0].startswith("does not")
+    assert mmoe_bench.verdict(summary({0.5: 0.1}), [0.5])[0].startswith("cannot")
