@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -89,7 +90,8 @@ def _primary(task_type: str) -> str:
 
 
 def run_dataset(name: str, path: Path, seeds: Sequence[int], budget: str, work: Path, threads: int | None,
-                models: Sequence[str] | None = None, log: Any = sys.stderr) -> dict[str, Any]:
+                models: Sequence[str] | None = None, log: Any = sys.stderr,
+                reports: Path | None = None) -> dict[str, Any]:
     """Train every model of dataset `name` over `seeds`; returns the runs and the summary."""
     bench = DATASETS[name]
     chosen = tuple(m for m in bench.models if models is None or m in models)
@@ -126,6 +128,9 @@ def run_dataset(name: str, path: Path, seeds: Sequence[int], budget: str, work: 
         lead = next((m for m in ("ple", "mmoe", *chosen) if m in chosen and m != "single"), chosen[0])
         page = build_report(work / name / f"run-{lead}-{seed}",
                             compare=[work / name / f"run-{m}-{seed}" for m in chosen if m != lead])
+        if reports is not None:  # the page is self-contained: it outlives the run directories
+            reports.mkdir(parents=True, exist_ok=True)
+            page = Path(shutil.copy(page, reports / f"{name}-seed{seed}.html"))
         print(f"[{name}] seed {seed} report: {page}", file=log, flush=True)
     summary = summarize(runs, task_info, chosen)
     return {"dataset": name, "loader": bench.loader, "config": bench.config, "path": str(path),
@@ -262,7 +267,8 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.
                         help="folder of one dataset, overriding the data root (repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (train.threads)")
     parser.add_argument("--out", type=Path, default=None, help="write accuracy.md and accuracy.json here")
-    parser.add_argument("--keep-runs", action="store_true", help="keep the run directories under OUT/runs")
+    parser.add_argument("--keep-runs", action="store_true",
+                        help="keep the run directories under OUT/runs (each seed's report.html is kept anyway)")
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="only print the tables of a previous run's accuracy.json (recomputed from its runs)")
     args = parser.parse_args(argv)
@@ -306,7 +312,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         for name in args.datasets:
             path = paths.get(name, args.data_root / DATASETS[name].folder)
             t0 = time.perf_counter()
-            result = run_dataset(name, path, range(args.seeds), args.budget, work, args.threads, args.models)
+            result = run_dataset(name, path, range(args.seeds), args.budget, work, args.threads, args.models,
+                                 reports=args.out / "reports" if args.out is not None else None)
             result["wall_seconds"] = round(time.perf_counter() - t0, 1)
             results.append(result)
     wall = time.perf_counter() - started

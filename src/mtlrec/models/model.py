@@ -291,17 +291,16 @@ class MultiTaskModel(RecModel):
         if batch.source == "users":
             if not self.user_heads:
                 return {}
-            u = self._encode_users(batch.user, detach=self._entity_detach)  # [B, D]
+            u = self._encode_users(batch.user, detach=self._entity_detach(USER_ID))  # [B, D]
             return {name: head(u) for name, head in self.user_heads.items()}
         if batch.source == "items":
             if not self.item_heads:
                 return {}
-            v = self._encode_items(batch.item, self._entity_detach)  # [B, D]
+            v = self._encode_items(batch.item, self._entity_detach(ITEM_ID))  # [B, D]
             return {name: head(v) for name, head in self.item_heads.items()}
         if not self.pair_heads:
             return {}
-        va = self._encode_items(batch.item, self._entity_detach)  # [B, D]
-        vb = self._encode_items(batch.item_b, self._entity_detach)  # [B, D]
+        va, vb = self._encode_items(batch.item), self._encode_items(batch.item_b)  # [B, D] each
         return {name: head(va, vb) for name, head in self.pair_heads.items()}
 
     def _encode_users(self, user: Mapping[str, Tensor], target_items: Tensor | None = None,
@@ -314,15 +313,16 @@ class MultiTaskModel(RecModel):
         assert self.item_encoder is not None
         return self.item_encoder(item, self.embedding, None, detach)  # [B, D]
 
-    @property
-    def _entity_detach(self) -> tuple[str, ...]:
-        """Id fields that user, item and pair heads read without training them.
+    def _entity_detach(self, id_field: str) -> tuple[str, ...]:
+        """The id field that user (or item) heads read without training it.
 
-        Those tasks are split by entity: a test user's id embedding is shaped by interactions
-        only. Letting label gradients into training users' id embeddings would make them encode
-        the labels directly, a representation test users never get (train/test mismatch).
+        User and item tasks are split by entity: a test user's id embedding is shaped by
+        interactions only. Letting label gradients into training users' id embeddings would make
+        them encode the labels directly, a representation test users never get (train/test
+        mismatch). Pair tasks are split by pair, so an item's id is shared by training and test
+        pairs and pair heads do train it.
         """
-        return () if self.config.entity_id_gradients else (USER_ID, ITEM_ID)
+        return () if self.config.entity_id_gradients else (id_field,)
 
     def encode_users(self, user: Mapping[str, Tensor], target_items: Tensor | None = None) -> Tensor:
         """u [B, user_dim]: the encoder's output, then the user's wide logits (when wide)."""

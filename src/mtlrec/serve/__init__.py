@@ -1,4 +1,4 @@
-"""The HTTP API of a trained run (FastAPI); needs the `serve` extra.
+"""The HTTP API of a trained run (FastAPI).
 
     from mtlrec.serve.app import create_app
     from mtlrec.serve.settings import ServeSettings

@@ -5,7 +5,7 @@ run whose files were truncated, replaced or modified since. With a key (`MTLREC_
 the manifest also carries an HMAC-SHA256 over its file list, so that whoever can rewrite the
 weights cannot simply rewrite the manifest too.
 
-Standard library only: the trainer may import it without the `serve` extra.
+Standard library only: the trainer imports it without loading FastAPI.
 """
 
 from __future__ import annotations
