@@ -37,8 +37,6 @@ from mtlrec.training.logging import RunLogger
 from mtlrec.training.losses import task_losses
 from mtlrec.training.weighting import WEIGHTINGS, Weighting
 
-PARTS = ("train", "valid", "test")
-
 
 def train_step(model: RecModel, batches: Sequence[Batch], tasks: Sequence[TaskSpec], weighting: Weighting,
                optimizers: Sequence[torch.optim.Optimizer], clip_params: Sequence[nn.Parameter],
