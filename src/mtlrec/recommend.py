@@ -229,7 +229,7 @@ class Recommender:
         """Items most likely in `relation` with an item, by the item-pair head over the catalogue."""
         cls = list(task.classes).index(relation)
         n = self.state.num_items
-        candidates = torch.tensor([i for i in range(n) if i != item_row], dtype=torch.int64)
+        candidates = torch.cat([torch.arange(item_row), torch.arange(item_row + 1, n)])  # every item but itself
         anchor = _take(self.state.items, torch.full((len(candidates),), item_row, dtype=torch.int64))
         batch = Batch("item_pairs", item=anchor, item_b=_take(self.state.items, candidates))
         logits = self.model(batch)[task.name]
