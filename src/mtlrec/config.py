@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtlrec.errors import ConfigError
 
@@ -133,8 +133,9 @@ class ModelConfig(_Strict):
 
     backbone: str = "mmoe"
     embedding_dim: int = Field(16, ge=1)
-    encoder_dim: int = Field(32, ge=1)
+    encoder_dim: int | None = Field(32, ge=1)
     encoder_hidden: list[int] = [64]
+    numeric_input: Literal["linear", "raw"] = "linear"
     sequence_pooling: Literal["mean", "din", "transformer"] = "mean"
     transformer_heads: int = Field(2, ge=1)
     transformer_layers: int = Field(1, ge=1)
@@ -172,6 +173,12 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     sparse_embeddings: Literal["auto", "on", "off"] = "auto"
     sparse_threshold: int = Field(1_000_000, ge=1)
+
+    @field_validator("sparse_embeddings", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        """YAML reads a bare `on` / `off` as true / false; take them as meant."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
     weighting: str = "equal"
     weighting_params: dict[str, float] = {}
     clip_norm: float | None = Field(5.0, gt=0.0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,7 @@ class FeatureEmbedding(nn.Module):
 
     Row `PAD` (0) of every vocabulary embeds to zeros: lookups multiply by a padding mask rather
     than using `padding_idx`, which would cover only the first vocabulary once rows are offset.
-    The interface is deliberately small (`lookup`, `pooled`, `weight`) so that a sharded table
+    The interface is deliberately small (`lookup`, `lookup_many`, `pooled`, `weight`) so that a sharded table
     (TorchRec) can stand in for it.
 
     Indices are not range-checked (that would cost a device sync per lookup): an index past the
@@ -64,6 +64,25 @@ class FeatureEmbedding(nn.Module):
         if slot is None:
             raise KeyError(f"FeatureEmbedding has no vocabulary '{vocab}'; it has {sorted(self._slot)}")
         emb = self.table(idx + self.offsets[slot])  # [..., D]
+        return emb * (idx != PAD).unsqueeze(-1).to(emb.dtype)
+
+    def lookup_many(self, vocabs: Sequence[str], idx: Tensor) -> Tensor:
+        """Embed several fields at once, field k from vocabulary `vocabs[k]`: one table call.
+
+        One call instead of one per field matters for training speed: a dense table's backward
+        allocates and fills a gradient the size of the whole table once per call.
+
+        Args:
+            vocabs: F vocabulary names.
+            idx: int64 [..., F].
+        Returns:
+            [..., F, D], zeros at padding.
+        """
+        slots = [self._slot.get(v, -1) for v in vocabs]
+        if -1 in slots:
+            missing = [v for v, s in zip(vocabs, slots, strict=True) if s < 0]
+            raise KeyError(f"FeatureEmbedding has no vocabularies {missing}; it has {sorted(self._slot)}")
+        emb = self.table(idx + self.offsets[slots])  # [..., F, D]
         return emb * (idx != PAD).unsqueeze(-1).to(emb.dtype)
 
     def pooled(self, vocab: str, idx: Tensor) -> Tensor:

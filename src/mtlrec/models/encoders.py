@@ -152,7 +152,11 @@ class GroupEncoder(nn.Module):
     Each field becomes one D-wide slot: categorical -> its embedding, multi_categorical -> masked
     mean, numeric [B, 2] -> its own linear map to D, sequence -> pooled item embeddings (mean,
     DIN target attention or BST Transformer, per `config.sequence_pooling`). The slots are
-    concatenated and an MLP(`config.encoder_hidden`) maps them to `config.encoder_dim`.
+    concatenated (categorical fields first, embedded by one `lookup_many` call) and an MLP(`config.encoder_hidden`) maps them to `config.encoder_dim`; with
+    `encoder_dim` None the concatenated slots are the output (the classic "embeddings + dense
+    features" input of a CTR model). With `config.numeric_input` "raw" a numeric field is one
+    column (its standardised value; a missing value enters as 0, the training mean) instead of a
+    learned D-wide slot.
 
     The embedding table is passed to `forward`, not held, so that one table shared by several
     encoders is stored once in the state dict.
@@ -171,17 +175,22 @@ class GroupEncoder(nn.Module):
             raise ValueError("GroupEncoder needs at least one field")
         D = config.embedding_dim
         self.fields = tuple(fields)
-        self.lookups = tuple(f for f in self.fields if f.kind in ("categorical", "multi_categorical"))
+        self.categoricals = tuple(f for f in self.fields if f.kind == "categorical")
+        self.multis = tuple(f for f in self.fields if f.kind == "multi_categorical")
         self.numerics = tuple(f for f in self.fields if f.kind == "numeric")
         self.sequences = tuple(f for f in self.fields if f.kind == "sequence")
         self.target_vocab = target_vocab
         n = len(self.numerics)
-        # One Linear(2, D) per numeric field, applied together as one einsum.
-        self.numeric_weight = nn.Parameter(torch.empty(n, 2, D).uniform_(-(2**-0.5), 2**-0.5))
-        self.numeric_bias = nn.Parameter(torch.empty(n, D).uniform_(-(2**-0.5), 2**-0.5))
+        self.raw_numeric = config.numeric_input == "raw"
+        # One Linear(2, D) per numeric field, applied together as one einsum (none when raw).
+        width = 0 if self.raw_numeric else n
+        self.numeric_weight = nn.Parameter(torch.empty(width, 2, D).uniform_(-(2**-0.5), 2**-0.5))
+        self.numeric_bias = nn.Parameter(torch.empty(width, D).uniform_(-(2**-0.5), 2**-0.5))
         self.poolings = nn.ModuleList(make_pooling(config, f.length) for f in self.sequences)
-        self.mlp = MLP(D * len(self.fields), config.encoder_hidden, config.encoder_dim, config.dropout)
-        self.out_dim = config.encoder_dim
+        slots = D * (len(self.fields) - n) + (n if self.raw_numeric else D * n)
+        self.mlp = MLP(slots, config.encoder_hidden, config.encoder_dim, config.dropout) \
+            if config.encoder_dim is not None else nn.Identity()
+        self.out_dim = config.encoder_dim if config.encoder_dim is not None else slots
 
     @property
     def target_aware(self) -> bool:
@@ -200,7 +209,7 @@ class GroupEncoder(nn.Module):
             detach: categorical fields whose embeddings pass no gradient back (see
                 `ModelConfig.entity_id_gradients`).
         Returns:
-            [B, encoder_dim]
+            [B, out_dim]
         """
         missing = [f.name for f in self.fields if f.name not in features]
         if missing:
@@ -208,11 +217,20 @@ class GroupEncoder(nn.Module):
             raise KeyError(f"{group} features {missing} are missing from the batch; "
                            f"it has {sorted(features)}")
         slots: list[Tensor] = []
-        for f in self.lookups:
-            idx = features[f.name]
-            vec = embedding.lookup(f.vocab, idx) if f.kind == "categorical" else embedding.pooled(f.vocab, idx)
-            slots.append(vec.detach() if f.name in detach else vec)  # [B, D]
-        if self.numerics:
+        if self.categoricals:
+            idx = torch.stack([features[f.name] for f in self.categoricals], dim=-1)  # [B, F]
+            vecs = embedding.lookup_many([f.vocab for f in self.categoricals], idx)  # [B, F, D]
+            frozen = [f.name in detach for f in self.categoricals]
+            if any(frozen):
+                train = torch.tensor([not x for x in frozen], dtype=vecs.dtype, device=vecs.device)[:, None]
+                vecs = vecs * train + vecs.detach() * (1 - train)  # no gradient into the frozen fields
+            slots.append(vecs.flatten(-2))  # [B, F*D]
+        for f in self.multis:
+            vec = embedding.pooled(f.vocab, features[f.name])  # [B, D]
+            slots.append(vec.detach() if f.name in detach else vec)
+        if self.numerics and self.raw_numeric:
+            slots.append(torch.stack([features[f.name][:, 0] for f in self.numerics], dim=1))  # [B, N]
+        elif self.numerics:
             x = torch.stack([features[f.name] for f in self.numerics], dim=1)  # [B, N, 2]
             num = torch.einsum("bnk,nkd->bnd", x, self.numeric_weight) + self.numeric_bias  # [B, N, D]
             slots.append(num.flatten(1))  # [B, N*D]
@@ -222,5 +240,5 @@ class GroupEncoder(nn.Module):
             t = embedding.lookup(f.vocab, target) if target is not None and f.vocab == self.target_vocab \
                 else None  # [B, D]
             slots.append(pool(h, idx != PAD, t))  # [B, D]
-        return self.mlp(torch.cat(slots, dim=-1))  # [B, encoder_dim]
+        return self.mlp(torch.cat(slots, dim=-1))  # [B, out_dim]
 

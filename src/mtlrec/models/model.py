@@ -183,7 +183,6 @@ class MultiTaskModel(RecModel):
             raise ConfigError(f"fields use vocabularies {unknown} that spec.vocab_sizes does not size; "
                               f"it has {sorted(spec.vocab_sizes)}")
 
-        D = config.encoder_dim
         self.embedding = FeatureEmbedding({v: n for v, n in spec.vocab_sizes.items() if v in vocabs},
                                           config.embedding_dim, sparse)
         self.user_encoder = GroupEncoder(user_fields, config, target_vocab) if use_user else None
@@ -192,6 +191,11 @@ class MultiTaskModel(RecModel):
         self.context_fields: tuple[FieldSpec, ...] = context_fields if use_context else ()
         self.user_fields: tuple[FieldSpec, ...] = user_fields if use_user else ()
         self.item_fields: tuple[FieldSpec, ...] = item_fields if use_item else ()
+        if self.user_encoder is not None and self.item_encoder is not None and \
+                self.user_encoder.out_dim != self.item_encoder.out_dim:
+            raise ConfigError(f"the user and item encoders give vectors of widths {self.user_encoder.out_dim} and "
+                              f"{self.item_encoder.out_dim}; set model.encoder_dim (null is only for models "
+                              "without both user and item features)")
 
         # The wide (first-order) part, as in Wide & Deep (Cheng et al., DLRS 2016): a learned bias
         # per categorical value and interaction-task output, added to the deep logits. Per-item
@@ -215,8 +219,8 @@ class MultiTaskModel(RecModel):
         if interaction:
             deep_u = self.user_encoder.out_dim if self.user_encoder is not None else 0
             deep_v = self.item_encoder.out_dim if self.item_encoder is not None else 0
-            in_dim = deep_u + deep_v + (D if use_context else 0) + \
-                (D if use_user and use_item else 0)
+            deep_c = self.context_encoder.out_dim if self.context_encoder is not None else 0
+            in_dim = deep_u + deep_v + deep_c + (deep_u if use_user and use_item else 0)
             if in_dim == 0:
                 raise ConfigError("interaction tasks need at least one user, item or context field; "
                                   "the input spec has none")
@@ -224,11 +228,13 @@ class MultiTaskModel(RecModel):
             H = self.backbone.out_dim
             self.towers.update({t.name: TaskHead(H, config.tower_hidden, t, config.dropout)
                                 for t in interaction})
-        self.user_heads = nn.ModuleDict({t.name: TaskHead(D, config.head_hidden, t, config.dropout)
+        Du = self.user_encoder.out_dim if self.user_encoder is not None else 0
+        Dv = self.item_encoder.out_dim if self.item_encoder is not None else 0
+        self.user_heads = nn.ModuleDict({t.name: TaskHead(Du, config.head_hidden, t, config.dropout)
                                          for t in spec.tasks_of("user")})
-        self.item_heads = nn.ModuleDict({t.name: TaskHead(D, config.head_hidden, t, config.dropout)
+        self.item_heads = nn.ModuleDict({t.name: TaskHead(Dv, config.head_hidden, t, config.dropout)
                                          for t in spec.tasks_of("item")})
-        self.pair_heads = nn.ModuleDict({t.name: PairHead(D, config.head_hidden, t, config.dropout)
+        self.pair_heads = nn.ModuleDict({t.name: PairHead(Dv, config.head_hidden, t, config.dropout)
                                          for t in spec.tasks_of("item_pair")})
 
     @staticmethod
@@ -256,10 +262,12 @@ class MultiTaskModel(RecModel):
         """Sum of the wide biases of a group's categorical values: [B, wide_dim]."""
         assert self.wide is not None
         out = torch.zeros(rows, self.wide_dim, device=self.wide.weight.device)
+        categoricals = [f for f in fields if f.kind == "categorical"]
+        if categoricals:
+            idx = torch.stack([features[f.name] for f in categoricals], dim=-1)  # [B, F]
+            out = out + self.wide.lookup_many([f.vocab for f in categoricals], idx).sum(dim=-2)
         for f in fields:
-            if f.kind == "categorical":
-                out = out + self.wide.lookup(f.vocab, features[f.name])
-            elif f.kind == "multi_categorical":
+            if f.kind == "multi_categorical":
                 out = out + self.wide.pooled(f.vocab, features[f.name])
         return out
 

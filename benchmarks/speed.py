@@ -1,0 +1,430 @@
+"""Training and inference speed against this machine's own matmul rate.
+
+    python benchmarks/speed.py [--rows 200000] [--models mmoe,shared_bottom,ple] [--json FILE]
+    mtlrec bench speed [same options]
+
+Data: `mtlrec.data.ctr` with seed 0 (20 categorical fields, vocabularies 100..100,000, 10 dense
+fields, click and purchase-after-click), written to Parquet; split 80/20 by mtlrec's seeded random
+split. Model: `ctr_config` (embedding dim 16, 330 inputs, MMoE 8 experts [256, 128] with linear
+softmax gates, towers [64]; shared_bottom [256, 128]; ple 2 levels, 2 experts per task + 2 shared),
+Adam lr 1e-3, batch 1024, one epoch, inference batch 4096, `--threads` (2) threads.
+
+Every measurement runs in a fresh subprocess, so that its peak RSS is its own:
+
+- `library`: the library's path. `Trainer.prepare` reads and encodes the data; the epoch is a bare
+  loop of `train_step` (the trainer's real step) over the training sampler, timed; inference is
+  `predict_split` over the test rows (batch 4096), timed; AUC per task from it. RSS after imports,
+  peak RSS, encoded-data, parameter and optimizer-state bytes.
+- `cli`: `mtlrec train CONFIG --out DIR` as a user runs it; its metrics.json records the epoch's
+  training throughput (validation excluded). The ratio cli / library shows what the trainer adds.
+- `reference`: a straightforward PyTorch implementation of the same MMoE (one `nn.Embedding` per
+  field, eight expert `nn.Sequential`s, `nn.Linear` gates, ESMM loss, `torch.optim.Adam`) on the
+  same rows in the same order, as the accuracy reference and the "plain PyTorch" speed reference.
+
+FLOPs per sample are the dense part's matmul FLOPs counted by `torch.utils.flop_counter` on one
+forward pass (2 x multiply-adds), x 3 for training. The matmul rate is measured in the same run on
+the model's own matmul shapes, recorded from one forward and backward pass of the real model and
+replayed as bare matmuls at `--threads` threads; the headline is the ratio achieved GFLOP/s /
+matmul GFLOP/s (`train_peak_ratio`, `infer_peak_ratio`), which carries across machines.
+
+Peers (torch-rechub, DeepCTR-Torch) run only when importable; otherwise the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+MODELS = ("mmoe", "shared_bottom", "ple")
+PEERS = {"torch_rechub": "torch-rechub", "deepctr_torch": "DeepCTR-Torch"}
+
+
+def _rss_mb() -> float:
+    """Current resident set size (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _tensor_mb(tensors: Any) -> float:
+    import torch
+
+    total = 0
+    stack = [tensors]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return total / 2**20
+
+
+# -------------------------------------------------------------------------------------------------
+# The matmul rate on the model's own shapes
+
+
+def record_matmuls(step: Any) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """The (op, shape a, shape b) of every matmul that `step()` runs (forward and backward)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    ops = {aten.mm.default: "mm", aten.addmm.default: "addmm", aten.bmm.default: "bmm",
+           aten.baddbmm.default: "baddbmm"}
+    seen: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = ops.get(func)
+            if name is not None:
+                a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
+                seen.append((name, tuple(a.shape), tuple(b.shape)))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        step()
+    return seen
+
+
+def matmul_rate(shapes: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]], seconds: float = 2.0
+                ) -> float:
+    """GFLOP/s of bare float32 matmuls of these shapes, run in their recorded proportions."""
+    import torch
+
+    work = []
+    for _, sa, sb in shapes:
+        a = torch.randn(sa)
+        b = torch.randn(sb)
+        out = torch.empty(*sa[:-1], sb[-1])
+        flops = 2 * a.numel() * sb[-1]
+        work.append((a, b, out, flops))
+    for a, b, out, _ in work:  # warm up
+        torch.matmul(a, b, out=out)
+    flops_total, started, rounds = 0, time.perf_counter(), 0
+    while time.perf_counter() - started < seconds or rounds < 3:
+        for a, b, out, flops in work:
+            torch.matmul(a, b, out=out)
+            flops_total += flops
+        rounds += 1
+    return flops_total / (time.perf_counter() - started) / 1e9
+
+
+# -------------------------------------------------------------------------------------------------
+# Workers (each in its own process)
+
+
+def _library(data: Path, model_name: str, threads: int, work: Path) -> dict[str, Any]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mtlrec.config import load_config
+    from mtlrec.data.ctr import ctr_config
+    from mtlrec.training.evaluate import metrics_of, predict_split
+    from mtlrec.training.trainer import Trainer, train_step
+
+    rss_imports = _rss_mb()
+    cfg, base = load_config(ctr_config(data, model_name), [f"train.threads={threads}"])
+    trainer = Trainer(cfg, base, work / f"library-{model_name}")
+    trainer.prepare()
+    model, spec = trainer.model, trainer.spec
+    source = trainer.main_source
+    sampler = trainer.samplers[source]
+    args = (spec.tasks, trainer.weighting, trainer.optimizers, trainer.clip_params, cfg.train.clip_norm)
+
+    started = time.perf_counter()
+    rows_seen = 0
+    for rows in sampler.epoch(0):
+        rows_seen += len(rows)
+        train_step(model, [trainer.data.batch(source, rows)], *args)
+    train_rate = rows_seen / (time.perf_counter() - started)
+
+    test_rows = trainer.split.rows(source, "test")
+    started = time.perf_counter()
+    predictions = predict_split(model, trainer.data, spec, {source: test_rows}, cfg.train.eval_batch_size,
+                                trainer.device)
+    infer_rate = len(test_rows) / (time.perf_counter() - started)
+    metrics = metrics_of(predictions)
+
+    batch = trainer.data.batch(source, torch.as_tensor(test_rows[: cfg.train.batch_size]))
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        model(batch)
+    flops_forward = counter.get_total_flops() / len(batch)
+
+    def one_step() -> None:
+        from mtlrec.training.losses import task_losses
+
+        losses = task_losses(model(batch), batch, spec.tasks, model.entire_space)
+        sum(losses.values()).backward()
+
+    train_shapes = record_matmuls(one_step)
+    model.zero_grad(set_to_none=True)
+    infer_batch = trainer.data.batch(source, torch.as_tensor(test_rows[: cfg.train.eval_batch_size]))
+    model.eval()
+    with torch.no_grad():
+        infer_shapes = record_matmuls(lambda: model(infer_batch))
+    optim_state = [opt.state_dict()["state"] for opt in trainer.optimizers]
+    return {
+        "model": model_name,
+        "train_samples_per_second": train_rate,
+        "infer_samples_per_second": infer_rate,
+        "auc": {name: m["auc"] for name, m in metrics.items()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flops_per_sample_forward": flops_forward,
+        "rss_after_imports_mb": rss_imports,
+        "peak_rss_mb": _peak_rss_mb(),
+        "encoded_data_mb": _tensor_mb([vars(s) for s in trainer.data.sources.values()]),
+        "parameters_mb": _tensor_mb(list(model.parameters())),
+        "optimizer_state_mb": _tensor_mb(optim_state),
+        "train_shapes": train_shapes,
+        "infer_shapes": infer_shapes,
+    }
+
+
+def _cli(data: Path, model_name: str, threads: int, work: Path) -> dict[str, Any]:
+    import yaml
+
+    from mtlrec.data.ctr import ctr_config
+
+    config = work / f"cli-{model_name}.yaml"
+    config.write_text(yaml.safe_dump(ctr_config(data, model_name)))
+    out = work / f"cli-{model_name}"
+    command = [sys.executable, "-m", "mtlrec", "train", str(config), "--out", str(out), f"train.threads={threads}"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    epochs = [h for h in history if "train_samples_per_second" in h]
+    return {"model": model_name, "train_samples_per_second": epochs[-1]["train_samples_per_second"],
+            "auc": {t: m["test"]["auc"] for t, m in metrics["tasks"].items()}}
+
+
+def _reference(data: Path, threads: int) -> dict[str, Any]:
+    """A straightforward PyTorch MMoE on the same rows in the same order (see the module docstring)."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from sklearn.metrics import roc_auc_score
+    from torch import nn
+
+    from mtlrec.config import load_config
+    from mtlrec.data.ctr import CtrShape, ctr_config
+    from mtlrec.data.dataset import Sampler
+    from mtlrec.data.split import split_tables
+    from mtlrec.data.tables import load_tables
+
+    torch.set_num_threads(threads)
+    cfg, base = load_config(ctr_config(data, "mmoe"))
+    tables = load_tables(cfg, base, None)
+    split = split_tables(tables, cfg)
+    frame: pd.DataFrame = tables.interactions
+    shape = CtrShape()
+    cats = torch.as_tensor(frame[shape.categorical()].to_numpy(np.int64))
+    dense_np = frame[shape.dense()].to_numpy(np.float32)
+    train_rows, test_rows = split.rows("interactions", "train"), split.rows("interactions", "test")
+    mean, std = dense_np[train_rows].mean(0), dense_np[train_rows].std(0)
+    dense = torch.as_tensor((dense_np - mean) / std)
+    click = torch.as_tensor(frame["click"].to_numpy(np.float32))
+    buy = torch.as_tensor(frame["purchase"].to_numpy(np.float32))
+
+    class MMoE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embeddings = nn.ModuleList(nn.Embedding(v, 16) for v in shape.vocab_sizes())
+            width = 16 * shape.n_categorical + shape.n_dense
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(width, 256), nn.ReLU(), nn.Linear(256, 128),
+                                                       nn.ReLU()) for _ in range(8))
+            self.gates = nn.ModuleList(nn.Linear(width, 8) for _ in range(2))
+            self.towers = nn.ModuleList(nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 1))
+                                        for _ in range(2))
+
+        def forward(self, c: torch.Tensor, d: torch.Tensor) -> list[torch.Tensor]:
+            x = torch.cat([e(c[:, k]) for k, e in enumerate(self.embeddings)] + [d], dim=1)
+            experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, 8, 128]
+            outs = []
+            for gate, tower in zip(self.gates, self.towers, strict=True):
+                w = torch.softmax(gate(x), dim=1).unsqueeze(-1)  # [B, 8, 1]
+                outs.append(tower((w * experts).sum(1)).squeeze(-1))
+            return outs  # click logit, purchase-given-click logit
+
+    torch.manual_seed(0)
+    model = MMoE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    bce = nn.BCELoss()
+    started = time.perf_counter()
+    for rows in Sampler(train_rows, 1024, seed=cfg.train.seed).epoch(0):
+        ctr, cvr = model(cats[rows], dense[rows])
+        p_click = torch.sigmoid(ctr)
+        p_joint = (p_click * torch.sigmoid(cvr)).clamp(1e-7, 1 - 1e-7)
+        loss = bce(p_click, click[rows]) + bce(p_joint, click[rows] * buy[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    train_rate = len(train_rows) / (time.perf_counter() - started)
+    model.eval()
+    test = torch.as_tensor(test_rows)
+    started = time.perf_counter()
+    outs: list[list[torch.Tensor]] = [[], []]
+    with torch.no_grad():
+        for chunk in test.split(4096):
+            ctr, cvr = model(cats[chunk], dense[chunk])
+            outs[0].append(torch.sigmoid(ctr))
+            outs[1].append(torch.sigmoid(cvr))
+    infer_rate = len(test) / (time.perf_counter() - started)
+    p_ctr, p_cvr = (torch.cat(o).numpy() for o in outs)
+    clicked = click[test].numpy() == 1
+    return {"model": "reference mmoe", "train_samples_per_second": train_rate,
+            "infer_samples_per_second": infer_rate, "peak_rss_mb": _peak_rss_mb(),
+            "auc": {"click": float(roc_auc_score(click[test].numpy(), p_ctr)),
+                    "purchase": float(roc_auc_score(buy[test].numpy()[clicked], p_cvr[clicked]))}}
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    if args.worker == "library":
+        result = _library(Path(args.data), args.model, args.threads, work)
+    elif args.worker == "cli":
+        result = _cli(Path(args.data), args.model, args.threads, work)
+    else:
+        result = _reference(Path(args.data), args.threads)
+    print("RESULT " + json.dumps(result))
+
+
+def _run_worker(kind: str, data: Path, work: Path, threads: int, model: str = "") -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    command = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--work", str(work),
+               "--threads", str(threads)] + (["--model", model] if model else [])
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"speed worker {kind} {model} failed:\n{done.stderr[-3000:]}")
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return dict(json.loads(line[len("RESULT "):]))
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def summarize(library: dict[str, Any], train_rate: float, infer_rate: float) -> dict[str, Any]:
+    """Achieved GFLOP/s and its ratio to the matmul rate, for training (3x forward) and inference."""
+    fwd = library["flops_per_sample_forward"]
+    train_gflops = 3 * fwd * library["train_samples_per_second"] / 1e9
+    infer_gflops = fwd * library["infer_samples_per_second"] / 1e9
+    return {"train_gflops": train_gflops, "infer_gflops": infer_gflops,
+            "train_matmul_gflops": train_rate, "infer_matmul_gflops": infer_rate,
+            "train_peak_ratio": train_gflops / train_rate, "infer_peak_ratio": infer_gflops / infer_rate}
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000, help="rows of the CTR log (default 200,000)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated backbones")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write every figure to this file")
+    parser.add_argument("--work", type=Path, help="folder for the data and runs (default: a temporary one)")
+    parser.add_argument("--no-cli", action="store_true", help="skip the `mtlrec train` measurement")
+    parser.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference")
+    parser.add_argument("--worker", choices=["library", "cli", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return 0
+    models = [m for m in args.models.split(",") if m]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        return _benchmark(args, models, work)
+
+
+def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
+    import torch
+
+    from mtlrec.data.ctr import write_ctr_parquet
+
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / f"ctr_{args.rows}.parquet"
+    if not data.is_file():
+        write_ctr_parquet(data, args.rows, seed=0)
+    print(f"data: {data} ({args.rows:,} rows); threads {args.threads}; torch {torch.__version__}", flush=True)
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"rows": args.rows, "threads": args.threads, "torch": torch.__version__,
+                               "models": {}, "peers": {}}
+    for name in models:
+        lib = _run_worker("library", data, work, args.threads, name)
+        train_rate = matmul_rate(lib.pop("train_shapes"))
+        infer_rate = matmul_rate(lib.pop("infer_shapes"))
+        lib.update(summarize(lib, train_rate, infer_rate))
+        if not args.no_cli:
+            cli = _run_worker("cli", data, work, args.threads, name)
+            lib["cli_train_samples_per_second"] = cli["train_samples_per_second"]
+            lib["cli_ratio"] = cli["train_samples_per_second"] / lib["train_samples_per_second"]
+        results["models"][name] = lib
+        _print_model(lib)
+    if not args.no_reference:
+        ref = _run_worker("reference", data, work, args.threads)
+        results["reference"] = ref
+        print(f"reference (plain PyTorch MMoE): train {ref['train_samples_per_second']:,.0f}/s, infer "
+              f"{ref['infer_samples_per_second']:,.0f}/s, AUC " +
+              ", ".join(f"{t} {a:.4f}" for t, a in ref["auc"].items()), flush=True)
+        if "mmoe" in results["models"]:
+            lib = results["models"]["mmoe"]
+            lib["auc_minus_reference"] = {t: lib["auc"][t] - ref["auc"][t] for t in ref["auc"]}
+            print(f"mmoe vs reference: train x{lib['train_samples_per_second'] / ref['train_samples_per_second']:.2f}"
+                  f", infer x{lib['infer_samples_per_second'] / ref['infer_samples_per_second']:.2f}, AUC diff " +
+                  ", ".join(f"{t} {d:+.4f}" for t, d in lib["auc_minus_reference"].items()))
+    for module, label in PEERS.items():
+        try:
+            __import__(module)
+        except ImportError:
+            results["peers"][label] = "skipped (not installed)"
+            print(f"{label}: skipped (not installed)")
+        else:
+            results["peers"][label] = "installed, not run: no adapter for this version"
+            print(f"{label}: installed, but this benchmark has no adapter for it")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _print_model(r: dict[str, Any]) -> None:
+    resident = r["encoded_data_mb"] + r["parameters_mb"] + r["optimizer_state_mb"]
+    print(f"{r['model']}: train {r['train_samples_per_second']:,.0f} samples/s "
+          f"({r['train_gflops']:.1f} GFLOP/s = {r['train_peak_ratio']:.0%} of matmul {r['train_matmul_gflops']:.1f}); "
+          f"infer {r['infer_samples_per_second']:,.0f} samples/s ({r['infer_gflops']:.1f} GFLOP/s = "
+          f"{r['infer_peak_ratio']:.0%} of matmul {r['infer_matmul_gflops']:.1f})", flush=True)
+    print(f"    {r['parameters']:,} parameters, {r['flops_per_sample_forward'] / 1e6:.2f} MFLOP/sample forward; "
+          f"RSS after imports {r['rss_after_imports_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB (data + params + "
+          f"optimizer {resident:.0f} MB: peak - imports = {(r['peak_rss_mb'] - r['rss_after_imports_mb']) / resident:.2f}x)"
+          f"; AUC " + ", ".join(f"{t} {a:.4f}" for t, a in r["auc"].items()) +
+          (f"; mtlrec train {r['cli_train_samples_per_second']:,.0f}/s = {r['cli_ratio']:.0%} of library"
+           if "cli_ratio" in r else ""), flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
