@@ -103,3 +103,51 @@ def test_mmoe_verdict_needs_a_widening_gap() -> None:
     assert text.startswith("reproduces") and gaps == pytest.approx([0.3, 0.1, 0.0])
     assert mmoe_bench.verdict(summary({0.5: 0.0, 0.9: 0.1, 1.0: 0.2}), [0.5, 0.9, 1.0])[0].startswith("does not")
     assert mmoe_bench.verdict(summary({0.5: 0.1}), [0.5])[0].startswith("cannot")
+
+
+speed = _module("speed")
+
+
+def test_speed_benchmark_end_to_end_on_a_tiny_log(tmp_path: Path) -> None:
+    """Every figure of the speed benchmark is produced (values are machine-dependent, not asserted)."""
+    out = tmp_path / "speed.json"
+    assert speed.main(["--rows", "3000", "--models", "mmoe", "--threads", "1", "--json", str(out),
+                       "--work", str(tmp_path / "work")]) == 0
+    result = json.loads(out.read_text())
+    mmoe = result["models"]["mmoe"]
+    for key in ("train_samples_per_second", "infer_samples_per_second", "train_peak_ratio", "infer_peak_ratio",
+                "peak_rss_mb", "parameters", "cli_ratio", "train_matmul_gflops"):
+        assert mmoe[key] > 0, key
+    assert set(mmoe["auc"]) == {"click", "purchase"}
+    assert set(mmoe["auc_minus_reference"]) == {"click", "purchase"}
+    assert all(v.startswith("skipped") or v.startswith("installed") for v in result["peers"].values())
+
+
+def test_speed_flop_accounting_by_hand() -> None:
+    """The dense part of the benchmark's MMoE: 2 x multiply-adds of every matmul, per sample."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mtlrec.config import ModelConfig
+    from mtlrec.models.backbones import MMoE
+
+    config = ModelConfig(expert_hidden=[256, 128], num_experts=8, tower_hidden=[64])
+    mmoe = MMoE(330, ["click", "purchase"], config)
+    with FlopCounterMode(display=False) as counter:
+        mmoe(torch.randn(4, 330))
+    per_sample = counter.get_total_flops() / 4
+    assert per_sample == 2 * (8 * (330 * 256 + 256 * 128) + 2 * 330 * 8)
+    summary = speed.summarize({"flops_per_sample_forward": 1e6, "train_samples_per_second": 1000.0,
+                               "infer_samples_per_second": 4000.0}, train_rate=10.0, infer_rate=8.0)
+    assert summary["train_gflops"] == 3.0 and summary["train_peak_ratio"] == 0.3
+    assert summary["infer_gflops"] == 4.0 and summary["infer_peak_ratio"] == 0.5
+
+
+def test_matmul_shapes_are_recorded_forward_and_backward() -> None:
+    import torch
+
+    layer = torch.nn.Linear(5, 3)
+    x = torch.randn(7, 5, requires_grad=True)
+    shapes = speed.record_matmuls(lambda: layer(x).sum().backward())
+    assert ("addmm", (7, 5), (5, 3)) in shapes
+    assert len(shapes) == 3  # forward, and the gradients of the input and of the weight

@@ -206,6 +206,13 @@ def bench_mmoe_synthetic(ctx: typer.Context) -> None:
     raise typer.Exit(_benchmark("mmoe_synthetic").main(list(ctx.args), prog="mtlrec bench mmoe-synthetic"))
 
 
+@bench_app.command("speed", add_help_option=False, context_settings=_PASS_THROUGH)
+def bench_speed(ctx: typer.Context) -> None:
+    """Training and inference samples/s against this machine's matmul rate: [--rows N] [--models ...]
+    [--json FILE] (benchmarks/speed.py; --help lists every option)."""
+    raise typer.Exit(_benchmark("speed").main(list(ctx.args), prog="mtlrec bench speed"))
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Folder to write the tables and config.yaml into.")],

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from mtlrec.config import Config, dump_config, load_config
+from mtlrec.config import Config, TrainConfig, dump_config, load_config
 from mtlrec.data.batch import Batch
 from mtlrec.data.dataset import EncodedData, Sampler
 from mtlrec.data.schema import Schema
@@ -28,6 +28,7 @@ from mtlrec.data.spec import InputSpec, TaskSpec
 from mtlrec.data.split import SplitIndex, split_tables
 from mtlrec.data.tables import Tables, load_tables
 from mtlrec.errors import ArtifactError, ConfigError
+from mtlrec.memory import release_freed_memory
 from mtlrec.models.model import RecModel, build_model
 from mtlrec.serve.integrity import write_manifest
 from mtlrec.training import checkpoint as ckpt
@@ -60,6 +61,33 @@ def train_step(model: RecModel, batches: Sequence[Batch], tasks: Sequence[TaskSp
         for opt in optimizers:
             opt.step()
     return {name: loss.detach() for name, loss in losses.items()}
+
+
+def build_optimizers(model: RecModel, weighting: Weighting, train: TrainConfig, device: torch.device
+                     ) -> tuple[list[torch.optim.Optimizer], list[nn.Parameter]]:
+    """The optimizers of a model (and of the weighting's own parameters), and the parameters to clip.
+
+    Dense parameters train with AdamW (`train.lr`, `train.weight_decay`); dense embedding tables with
+    the same AdamW at `train.embedding_lr`; sparse embedding tables with SparseAdam (a row-wise
+    update of just the rows in the batch) at `train.embedding_lr`. Embedding rows see a gradient only
+    when their id is in the batch, so they may train with their own (usually larger) learning rate.
+    """
+    embedding_lr = train.embedding_lr or train.lr
+    sparse_params = list(model.sparse_parameters())
+    embed_ids = {id(p) for p in model.embedding_parameters()}
+    sparse_ids = {id(p) for p in sparse_params}
+    dense_embeddings = [p for p in model.embedding_parameters() if id(p) not in sparse_ids]
+    dense = [p for p in model.parameters() if id(p) not in embed_ids]
+    groups: list[dict[str, Any]] = [{"params": dense + list(weighting.parameters())}]
+    if dense_embeddings:
+        groups.append({"params": dense_embeddings, "lr": embedding_lr})
+    # The fused AdamW updates every tensor in one pass (on CPU the default is a Python loop of
+    # several elementwise kernels per tensor, 3-10x slower on a large embedding table).
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
+        groups, lr=train.lr, weight_decay=train.weight_decay, fused=device.type in ("cpu", "cuda"))]
+    if sparse_params:
+        optimizers.append(torch.optim.SparseAdam(sparse_params, lr=embedding_lr))
+    return optimizers, dense + dense_embeddings
 
 
 @dataclass
@@ -127,6 +155,8 @@ class Trainer:
         else:
             self.schema = Schema(cfg).fit(tables, self.split)
         self.data: EncodedData = self.schema.encode(tables, self.split)
+        del tables  # training holds the encoded tensors only
+        release_freed_memory()
         self.spec: InputSpec = self.schema.spec_
         self._check_early_stopping_metric()
 
@@ -139,25 +169,7 @@ class Trainer:
         self.weighting = WEIGHTINGS.get(cfg.train.weighting)(
             [t.name for t in self.spec.tasks], task_weights, **cfg.train.weighting_params).to(self.device)
 
-        # Embedding rows see a gradient only when their id is in the batch, so they may train with
-        # their own (usually larger) learning rate; sparse tables get SparseAdam.
-        embedding_lr = cfg.train.embedding_lr or cfg.train.lr
-        sparse_params = list(self.model.sparse_parameters())
-        embed_ids = {id(p) for p in self.model.embedding_parameters()}
-        sparse_ids = {id(p) for p in sparse_params}
-        dense_embeddings = [p for p in self.model.embedding_parameters() if id(p) not in sparse_ids]
-        dense = [p for p in self.model.parameters() if id(p) not in embed_ids]
-        self.clip_params = dense + dense_embeddings
-        groups: list[dict[str, Any]] = [{"params": dense + list(self.weighting.parameters())}]
-        if dense_embeddings:
-            groups.append({"params": dense_embeddings, "lr": embedding_lr})
-        # The fused AdamW updates every tensor in one pass (on CPU the default is a Python loop
-        # of several elementwise kernels per tensor, 3-10x slower on a large embedding table).
-        self.optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-            groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-            fused=self.device.type in ("cpu", "cuda"))]
-        if sparse_params:
-            self.optimizers.append(torch.optim.SparseAdam(sparse_params, lr=embedding_lr))
+        self.optimizers, self.clip_params = build_optimizers(self.model, self.weighting, cfg.train, self.device)
 
         self.sources = sources_with_tasks(self.spec)
         self.main_source = self.sources[0]
