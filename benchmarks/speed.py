@@ -63,6 +63,28 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _high_water_mb() -> float:
+    """VmHWM: peak RSS since the last reset (or since the start)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return _peak_rss_mb()
+
+
 def _tensor_mb(tensors: Any) -> float:
     import torch
 
@@ -133,7 +155,24 @@ def matmul_rate(shapes: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]], 
 # Workers (each in its own process)
 
 
-def _library(data: Path, model_name: str, threads: int, work: Path) -> dict[str, Any]:
+def _profile(step: Any, sampler: Any, steps: int) -> None:
+    """Print where a training step's time goes: torch.profiler's top operators over `steps` steps.
+
+    Runs on its own sampler epoch (10,000) before the timed epoch, so the figures after it are unchanged
+    except for the model having trained `steps` more steps.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    batches = iter(sampler.epoch(10_000))
+    for _ in range(3):
+        step(next(batches))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(next(batches))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr, flush=True)
+
+
+def _library(data: Path, model_name: str, threads: int, work: Path, profile_steps: int = 0) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -151,12 +190,17 @@ def _library(data: Path, model_name: str, threads: int, work: Path) -> dict[str,
     sampler = trainer.samplers[source]
     args = (spec.tasks, trainer.weighting, trainer.optimizers, trainer.clip_params, cfg.train.clip_norm)
 
+    if profile_steps:
+        _profile(lambda rows: train_step(model, [trainer.data.batch(source, rows)], *args), sampler, profile_steps)
+    rss_before_training = _rss_mb()
+    _reset_peak_rss()
     started = time.perf_counter()
     rows_seen = 0
     for rows in sampler.epoch(0):
         rows_seen += len(rows)
         train_step(model, [trainer.data.batch(source, rows)], *args)
     train_rate = rows_seen / (time.perf_counter() - started)
+    peak_training = _high_water_mb()
 
     test_rows = trainer.split.rows(source, "test")
     started = time.perf_counter()
@@ -192,6 +236,8 @@ def _library(data: Path, model_name: str, threads: int, work: Path) -> dict[str,
         "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_sample_forward": flops_forward,
         "rss_after_imports_mb": rss_imports,
+        "rss_before_training_mb": rss_before_training,
+        "peak_rss_training_mb": peak_training,
         "peak_rss_mb": _peak_rss_mb(),
         "encoded_data_mb": _tensor_mb([vars(s) for s in trainer.data.sources.values()]),
         "parameters_mb": _tensor_mb(list(model.parameters())),
@@ -306,7 +352,7 @@ def _worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     if args.worker == "library":
-        result = _library(Path(args.data), args.model, args.threads, work)
+        result = _library(Path(args.data), args.model, args.threads, work, args.profile)
     elif args.worker == "cli":
         result = _cli(Path(args.data), args.model, args.threads, work)
     else:
@@ -314,11 +360,14 @@ def _worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def _run_worker(kind: str, data: Path, work: Path, threads: int, model: str = "") -> dict[str, Any]:
+def _run_worker(kind: str, data: Path, work: Path, threads: int, model: str = "", profile: int = 0
+                ) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--work", str(work),
-               "--threads", str(threads)] + (["--model", model] if model else [])
+               "--threads", str(threads), "--profile", str(profile)] + (["--model", model] if model else [])
     done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if profile and kind == "library":
+        print(f"profile of {profile} training steps of {model}:\n{done.stderr}", flush=True)
     if done.returncode != 0:
         raise RuntimeError(f"speed worker {kind} {model} failed:\n{done.stderr[-3000:]}")
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
@@ -348,6 +397,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--work", type=Path, help="folder for the data and runs (default: a temporary one)")
     parser.add_argument("--no-cli", action="store_true", help="skip the `mtlrec train` measurement")
     parser.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="print torch.profiler's top operators over STEPS training steps of each model")
     parser.add_argument("--worker", choices=["library", "cli", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -378,7 +429,7 @@ def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
     results: dict[str, Any] = {"rows": args.rows, "threads": args.threads, "torch": torch.__version__,
                                "models": {}, "peers": {}}
     for name in models:
-        lib = _run_worker("library", data, work, args.threads, name)
+        lib = _run_worker("library", data, work, args.threads, name, args.profile)
         train_rate = matmul_rate(lib.pop("train_shapes"))
         infer_rate = matmul_rate(lib.pop("infer_shapes"))
         lib.update(summarize(lib, train_rate, infer_rate))
@@ -417,16 +468,19 @@ def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
 
 def _print_model(r: dict[str, Any]) -> None:
     resident = r["encoded_data_mb"] + r["parameters_mb"] + r["optimizer_state_mb"]
-    print(f"{r['model']}: train {r['train_samples_per_second']:,.0f} samples/s "
-          f"({r['train_gflops']:.1f} GFLOP/s = {r['train_peak_ratio']:.0%} of matmul {r['train_matmul_gflops']:.1f}); "
-          f"infer {r['infer_samples_per_second']:,.0f} samples/s ({r['infer_gflops']:.1f} GFLOP/s = "
+    above = r["peak_rss_training_mb"] - r["rss_after_imports_mb"]
+    print(f"{r['model']}: train {r['train_samples_per_second']:,.0f} samples/s ({r['train_gflops']:.1f} GFLOP/s = "
+          f"{r['train_peak_ratio']:.0%} of matmul {r['train_matmul_gflops']:.1f}); infer "
+          f"{r['infer_samples_per_second']:,.0f} samples/s ({r['infer_gflops']:.1f} GFLOP/s = "
           f"{r['infer_peak_ratio']:.0%} of matmul {r['infer_matmul_gflops']:.1f})", flush=True)
     print(f"    {r['parameters']:,} parameters, {r['flops_per_sample_forward'] / 1e6:.2f} MFLOP/sample forward; "
-          f"RSS after imports {r['rss_after_imports_mb']:.0f} MB, peak {r['peak_rss_mb']:.0f} MB (data + params + "
-          f"optimizer {resident:.0f} MB: peak - imports = {(r['peak_rss_mb'] - r['rss_after_imports_mb']) / resident:.2f}x)"
-          f"; AUC " + ", ".join(f"{t} {a:.4f}" for t, a in r["auc"].items()) +
+          f"AUC " + ", ".join(f"{t} {a:.4f}" for t, a in r["auc"].items()) +
           (f"; mtlrec train {r['cli_train_samples_per_second']:,.0f}/s = {r['cli_ratio']:.0%} of library"
            if "cli_ratio" in r else ""), flush=True)
+    print(f"    RSS: after imports {r['rss_after_imports_mb']:.0f} MB, before training "
+          f"{r['rss_before_training_mb']:.0f} MB, peak while training {r['peak_rss_training_mb']:.0f} MB, "
+          f"peak of the process {r['peak_rss_mb']:.0f} MB; data + parameters + optimizer state {resident:.0f} MB; "
+          f"training peak - imports = {above:.0f} MB = {above / resident:.2f}x of it", flush=True)
 
 
 if __name__ == "__main__":

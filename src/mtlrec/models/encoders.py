@@ -152,11 +152,11 @@ class GroupEncoder(nn.Module):
     Each field becomes one D-wide slot: categorical -> its embedding, multi_categorical -> masked
     mean, numeric [B, 2] -> its own linear map to D, sequence -> pooled item embeddings (mean,
     DIN target attention or BST Transformer, per `config.sequence_pooling`). The slots are
-    concatenated (categorical fields first, embedded by one `lookup_many` call) and an MLP(`config.encoder_hidden`) maps them to `config.encoder_dim`; with
-    `encoder_dim` None the concatenated slots are the output (the classic "embeddings + dense
-    features" input of a CTR model). With `config.numeric_input` "raw" a numeric field is one
-    column (its standardised value; a missing value enters as 0, the training mean) instead of a
-    learned D-wide slot.
+    concatenated (categorical fields first, embedded by one `lookup_many` call) and an
+    MLP(`config.encoder_hidden`) maps them to `config.encoder_dim`; with `encoder_dim` None the
+    concatenated slots are the output (the classic "embeddings + dense features" input of a CTR
+    model). With `config.numeric_input` "raw" a numeric field is one column (its standardised
+    value; a missing value enters as 0, the training mean) instead of a learned D-wide slot.
 
     The embedding table is passed to `forward`, not held, so that one table shared by several
     encoders is stored once in the state dict.
