@@ -95,6 +95,21 @@ def test_dump_round_trip() -> None:
         (lambda c: c["data"]["split"].update(valid=0.6, test=0.5), r"valid \+ test must be < 1"),
         (lambda c: c.update(recommend={"fusion": {"segment": 1.0}}), r"recommend\.fusion names 'segment'"),
         (lambda c: c.pop("tasks"), r"tasks: Field required"),
+        (lambda c: c["tasks"].append({"name": "r", "kind": "retrieval", "label": "click", "type": "binary"}),
+         r"tasks\.3: task 'r': type 'retrieval' goes with kind 'retrieval' and only with it"),
+        (lambda c: c["tasks"][0].update(type="retrieval"), r"tasks\.0: task 'click': type 'retrieval' goes with"),
+        (lambda c: c["tasks"][0].update(temperature=0.1), r"task 'click': \['temperature'\] apply to retrieval"),
+        (lambda c: c["tasks"].append({"name": "r", "kind": "retrieval", "temperature": 0}),
+         r"tasks\.3\.temperature: .*greater than 0"),
+        (lambda c: c["tasks"].append({"name": "r", "kind": "retrieval", "after": "click"}),
+         r"'r' is a retrieval task; after, classes and directed do not apply"),
+        (lambda c: c["tasks"].append({"name": "seg2", "kind": "user", "type": "multiclass"}),
+         r"task 'seg2' needs a label column"),
+        (lambda c: c["tasks"].extend([{"name": "r1", "kind": "retrieval"}, {"name": "r2", "kind": "retrieval"}]),
+         r"\['r1', 'r2'\] are all retrieval tasks; a run has at most one"),
+        (lambda c: (c["data"].update(item_id=None), c["tasks"].append({"name": "r", "kind": "retrieval"})),
+         r"'r' is a retrieval task, which needs data\.user_id and data\.item_id"),
+        (lambda c: c.update(recommend={"candidates": -1}), r"recommend\.candidates: .*greater than or equal to 0"),
     ],
 )
 def test_invalid_configs_name_the_key(mutate, message) -> None:  # type: ignore[no-untyped-def]
@@ -103,6 +118,17 @@ def test_invalid_configs_name_the_key(mutate, message) -> None:  # type: ignore[
     mutate(raw)
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
+
+
+def test_retrieval_task_defaults_and_round_trip() -> None:
+    raw = base()
+    raw["tasks"].append({"name": "retrieval", "kind": "retrieval"})
+    cfg = config_from_dict(raw)
+    task = cfg.tasks[-1]
+    assert (task.type, task.label, task.dim, task.temperature, task.table) == (
+        "retrieval", None, 32, 0.05, "interactions")
+    assert cfg.recommend.candidates == 500
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
 
 
 def test_bad_overrides() -> None:

@@ -200,3 +200,75 @@ def test_esmm_is_finite_for_saturated_logits(scale: float) -> None:
     assert torch.isfinite(total)
     for tensor in big.values():
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval: in-batch sampled softmax with log-Q correction
+
+RETRIEVAL = TaskSpec("retrieval", "retrieval", "retrieval", 4, temperature=0.05)
+
+
+def _retrieval(logits: list[list[float]], q: list[float], positive: list[bool],
+               items: list[int] | None = None) -> tuple[dict[str, Tensor], Batch]:
+    n = len(q)
+    batch = Batch("interactions", item={"item_key": torch.tensor(items if items is not None else list(range(n)))},
+                  labels={"retrieval": torch.log(torch.tensor(q))}, masks={"retrieval": torch.tensor(positive)})
+    return {"retrieval": torch.tensor(logits, requires_grad=True)}, batch
+
+
+def _softmax_nll(row: list[float], target: int) -> float:
+    return -row[target] + math.log(sum(math.exp(x) for x in row))
+
+
+def test_retrieval_loss_subtracts_log_q_from_every_logit() -> None:
+    s = [[2.0, 1.0, 0.0], [0.0, 1.0, 0.5], [1.0, 1.0, 1.0]]
+    q = [0.5, 0.25, 0.25]
+    outputs, batch = _retrieval(s, q, [True, True, True])
+    loss = task_losses(outputs, batch, [RETRIEVAL])["retrieval"]
+    corrected = [[s[i][j] - math.log(q[j]) for j in range(3)] for i in range(3)]
+    expected = sum(_softmax_nll(corrected[i], i) for i in range(3)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # With uniform q the correction is a constant per row: plain in-batch softmax.
+    outputs, batch = _retrieval(s, [1 / 3] * 3, [True, True, True])
+    plain = F.cross_entropy(torch.tensor(s), torch.arange(3))
+    assert task_losses(outputs, batch, [RETRIEVAL])["retrieval"].item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_retrieval_loss_ignores_rows_that_are_not_positive() -> None:
+    """A non-positive row neither has a loss nor lends its item as a negative."""
+    s = [[2.0, 9.0, 0.0], [5.0, -3.0, 7.0], [1.0, 8.0, 1.0]]
+    q = [0.5, 0.25, 0.25]
+    outputs, batch = _retrieval(s, q, [True, False, True])
+    loss = task_losses(outputs, batch, [RETRIEVAL])["retrieval"]
+    corrected = [[s[i][j] - math.log(q[j]) for j in (0, 2)] for i in (0, 2)]
+    expected = (_softmax_nll(corrected[0], 0) + _softmax_nll(corrected[1], 1)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    grad = outputs["retrieval"].grad
+    assert grad is not None and torch.isfinite(grad).all()
+    assert (grad[1] == 0).all() and (grad[:, 1] == 0).all()
+
+
+def test_retrieval_loss_does_not_count_a_duplicate_positive_as_a_negative() -> None:
+    s = [[2.0, 1.0, 3.0], [0.0, 1.0, 0.5], [4.0, 1.0, 1.0]]
+    q = [0.4, 0.2, 0.4]
+    outputs, batch = _retrieval(s, q, [True, True, True], items=[7, 3, 7])
+    loss = task_losses(outputs, batch, [RETRIEVAL])["retrieval"]
+    c = [[s[i][j] - math.log(q[j]) for j in range(3)] for i in range(3)]
+    expected = (_softmax_nll([c[0][0], c[0][1]], 0) + _softmax_nll(c[1], 1)
+                + _softmax_nll([c[2][1], c[2][2]], 1)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_retrieval_loss_with_one_or_no_positive_rows() -> None:
+    outputs, batch = _retrieval([[1.0, 2.0], [3.0, 4.0]], [0.5, 0.5], [False, True])
+    loss = task_losses(outputs, batch, [RETRIEVAL])["retrieval"]
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # only its own item: nothing to tell apart
+    outputs, batch = _retrieval([[1.0, 2.0], [3.0, 4.0]], [0.5, 0.5], [False, False])
+    assert task_losses(outputs, batch, [RETRIEVAL]) == {}
+
+
+def test_retrieval_loss_needs_square_logits() -> None:
+    outputs, batch = _retrieval([[1.0, 2.0], [3.0, 4.0]], [0.5, 0.5], [True, True])
+    with pytest.raises(ValueError, match=r"in-batch logits \[B, B\]"):
+        task_losses({"retrieval": torch.zeros(2, 3)}, batch, [RETRIEVAL])

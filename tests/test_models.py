@@ -29,6 +29,7 @@ from mtlrec.models import (
 )
 from mtlrec.models.embedding import FeatureEmbedding
 from mtlrec.models.encoders import GroupEncoder
+from mtlrec.training.losses import task_losses
 
 POOLINGS = ["mean", "din", "transformer"]
 SOURCES = ["interactions", "users", "items", "item_pairs"]
@@ -57,6 +58,7 @@ TASKS = (
     TaskSpec("labels", "item", "multilabel", 5),
     TaskSpec("related", "item_pair", "multiclass", 3),
     TaskSpec("follows", "item_pair", "binary", 1, directed=True),
+    TaskSpec("retrieval", "retrieval", "retrieval", 6, temperature=0.1),
 )
 SPEC = InputSpec(FIELDS, VOCABS, TASKS)
 
@@ -95,6 +97,8 @@ def _field(f: FieldSpec, rows: int, vocab_sizes: dict[str, int], g: torch.Genera
 
 
 def _label(t: TaskSpec, rows: int, g: torch.Generator) -> Tensor:
+    if t.type == "retrieval":  # log q of each row's item
+        return torch.log(torch.rand(rows, generator=g) * 0.1 + 1e-3)
     if t.type == "binary":
         return torch.randint(0, 2, (rows,), generator=g).float()
     if t.type == "regression":
@@ -135,6 +139,9 @@ def masked_loss(spec: InputSpec, logits: dict[str, Tensor], batch: Batch) -> Ten
     total = torch.zeros(())
     for name, out in logits.items():
         t, y, m = spec.task(name), batch.labels[name], batch.masks[name]
+        if t.type == "retrieval":
+            total = total + task_losses({name: out}, batch, [t])[name]
+            continue
         if t.type == "multiclass":
             loss = F.cross_entropy(out, y, reduction="none")
         elif t.type == "regression":
@@ -147,6 +154,8 @@ def masked_loss(spec: InputSpec, logits: dict[str, Tensor], batch: Batch) -> Ten
 
 
 def expected_shape(t: TaskSpec, rows: int) -> tuple[int, ...]:
+    if t.type == "retrieval":
+        return (rows, rows)  # in-batch logits
     return (rows,) if t.type in ("binary", "regression") else (rows, t.num_outputs)
 
 
@@ -180,8 +189,7 @@ def test_every_backbone_pooling_and_task_kind(backbone: str, pooling: str, sourc
     batch = random_batch(SPEC, source, rows=24)
 
     logits = model(batch)
-    kind = {v: k for k, v in SOURCE_OF_KIND.items()}[source]
-    assert list(logits) == [t.name for t in SPEC.tasks_of(kind)]
+    assert list(logits) == [t.name for t in SPEC.tasks if SOURCE_OF_KIND[t.kind] == source]
     for name, out in logits.items():
         assert out.shape == expected_shape(SPEC.task(name), 24), name
         assert torch.isfinite(out).all()
@@ -424,6 +432,42 @@ def test_configuration_errors_name_the_key() -> None:
         model(batch)
     with pytest.raises(ValueError, match="unknown batch source"):
         model(Batch("clicks"))
+
+
+@pytest.mark.parametrize("backbone", ["mmoe", "single"])
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_retrieval_vectors_and_in_batch_logits(backbone: str, pooling: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(SPEC, tiny_config(backbone=backbone, sequence_pooling=pooling))
+    batch = random_batch(SPEC, "interactions", rows=10)
+    assert model.retrieval_dim == 6
+    u, v = model.retrieval_users(batch.user), model.retrieval_items(batch.item)
+    assert u.shape == (10, 6) and v.shape == (10, 6)
+    torch.testing.assert_close(u.norm(dim=1), torch.ones(10))
+    torch.testing.assert_close(v.norm(dim=1), torch.ones(10))
+    # Training mode: the in-batch logits are u_r(i) . v_r(j) / temperature, the query free of any target.
+    torch.testing.assert_close(model(batch)["retrieval"], u @ v.T / 0.1)
+    # Eval mode (prediction, evaluation): no [B, B] output.
+    assert "retrieval" not in model.eval()(batch)
+    if isinstance(model, TaskIsolatedModel):
+        # The isolated retrieval model is a two-tower model of its own.
+        model.train()
+        model(batch)["retrieval"].sum().backward()
+        for name, sub in model.models.items():
+            assert any(p.grad is not None for p in sub.parameters()) == (name == "retrieval"), name
+
+
+def test_retrieval_errors() -> None:
+    plain = build_model(InputSpec(FIELDS, VOCABS, TASKS[:1]), tiny_config())
+    assert plain.retrieval_dim == 0
+    with pytest.raises(ValueError, match="no retrieval task"):
+        plain.retrieval_users(random_batch(SPEC, "users").user)
+    two = InputSpec(FIELDS, VOCABS, (TASKS[-1], dataclasses.replace(TASKS[-1], name="again")))
+    with pytest.raises(ConfigError, match="at most one"):
+        build_model(two, tiny_config())
+    no_items = InputSpec(FIELDS[:4], {"user_id": 30, "item_id": 40, "tag": 10}, (TASKS[-1],))
+    with pytest.raises(ConfigError, match="no item fields"):
+        build_model(no_items, tiny_config())
 
 
 @settings(max_examples=30, deadline=None)

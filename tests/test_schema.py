@@ -217,6 +217,48 @@ def test_encode_context(tables: Tables, config: Config) -> None:
         schema.encode_context(frame.drop(columns=["price"]))
 
 
+@pytest.mark.parametrize("label", ["buy", None])
+def test_retrieval_targets_are_log_q_of_training_positives(tables: Tables, config_dict: dict[str, Any],
+                                                          label: str | None) -> None:
+    config_dict["tasks"].append({"name": "retrieval", "kind": "retrieval", "label": label, "dim": 8})
+    config = config_from_dict(config_dict)
+    schema, split = fitted(tables, config)
+    task = schema.spec_.task("retrieval")
+    assert (task.kind, task.type, task.num_outputs, task.temperature) == ("retrieval", "retrieval", 8, 0.05)
+    data = schema.encode(tables, split)
+    inter = tables.interactions
+    positive = (inter["buy"] == 1).to_numpy() if label else np.ones(len(inter), dtype=bool)
+    source = data.sources["interactions"]
+    assert source.masks["retrieval"].numpy().tolist() == positive.tolist()
+    # q: each item's share of the positive training rows (count 1 for an item without any).
+    train = np.zeros(len(inter), dtype=bool)
+    train[split.rows("interactions", "train")] = True
+    items = inter["item_id"].to_numpy()
+    counts = pd.Series(items[positive & train]).value_counts()
+    for row in (0, 5, 17, 123, 399):
+        want = np.log(max(counts.get(items[row], 0), 1) / counts.sum())
+        assert source.labels["retrieval"][row].item() == pytest.approx(want, rel=1e-5)
+    # Prediction input without the label column: no positives.
+    if label:
+        data = schema.encode(Tables(inter.drop(columns=["buy"]), users=tables.users, items=tables.items,
+                                    item_pairs=tables.item_pairs))
+        assert not data.sources["interactions"].masks["retrieval"].any()
+
+
+def test_new_user_fields(tables: Tables, config: Config) -> None:
+    schema, _ = fitted(tables, config)
+    fields = schema.new_user_fields({"age": 30, "region": "south"})
+    assert fields["user_id"].tolist() == [OOV] and fields["hist"].tolist() == [[0, 0, 0, 0]]
+    assert fields["region"].dtype == torch.int64 and fields["region"].item() > OOV
+    assert fields["age"].shape == (1, 2) and fields["age"][0, 1].item() == 0.0
+    blank = schema.new_user_fields({})
+    assert blank["region"].item() == 0 and blank["age"][0].tolist() == [0.0, 1.0]
+    with pytest.raises(DataError, match=r"\['colour'\] are not user features of this run; .*\['age', 'region'\]"):
+        schema.new_user_fields({"colour": "red"})
+    with pytest.raises(DataError, match="feature 'age'"):
+        schema.new_user_fields({"age": "old"})
+
+
 def test_tables_without_entities() -> None:
     inter = pd.DataFrame({"age": [20, 30, 40, 50] * 5, "edu": ["a", "b", "c", "d"] * 5, "y": [0, 1] * 10})
     config = config_from_dict({

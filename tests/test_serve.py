@@ -27,7 +27,6 @@ from mtlrec.serve import serve_command
 from mtlrec.serve.app import create_app, create_app_from_env
 from mtlrec.serve.integrity import MANIFEST_FILE, verify_manifest, write_manifest
 from mtlrec.serve.openapi import openapi_text
-from mtlrec.serve.retrieval import top_n_inner_product
 from mtlrec.serve.security import AuthFailureTracker, TokenBucketLimiter
 from mtlrec.serve.settings import ServeSettings
 
@@ -42,7 +41,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 @pytest.fixture(scope="module")
 def world_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("serve")
-    config = make_world(n_users=80, n_items=40, impressions_per_user=15, n_pairs=200, seed=3).write(root / "world")
+    world = make_world(n_users=80, n_items=40, impressions_per_user=15, n_pairs=200, seed=3)
+    config = world.write(root / "world", retrieval=True)
     mtlrec.train(config, root / "run", FAST)
     return root / "world", root / "run"
 
@@ -100,8 +100,9 @@ def test_model_info(client: TestClient) -> None:
     assert info["users"] == 80 and info["items"] == 40 and info["backbone"] == "ple"
     assert {t["name"]: t["kind"] for t in info["tasks"]} == {
         "click": "interaction", "like": "interaction", "purchase": "interaction", "segment": "user",
-        "category": "item", "tags": "item", "relation": "item_pair"}
+        "category": "item", "tags": "item", "relation": "item_pair", "retrieval": "retrieval"}
     assert info["version"] == mtlrec.__version__ and info["auth"] == "api_key"
+    assert info["retrieval_candidates"] == 500  # the run's recommend.candidates
     assert info["context_features"] == ["hour", "device"]
 
 
@@ -173,22 +174,123 @@ def test_unknown_category_feature_refuses_to_start(predictor: mtlrec.Predictor) 
         create_app(predictor, ServeSettings.from_keys([KEY], category_feature="price"))
 
 
+def _retrieval_order(predictor: mtlrec.Predictor, user_row: int) -> torch.Tensor:
+    """Every item row by the user's retrieval score, best first (brute force)."""
+    with torch.no_grad():
+        u = predictor.model.retrieval_users({k: v[user_row:user_row + 1] for k, v in predictor.state.users.items()})
+        scores = (u @ predictor.model.retrieval_items(predictor.state.items).T)[0]
+    return torch.argsort(scores, descending=True)
+
+
 def test_two_stage_recommend_ranks_the_retrieved_items(make_client: Callable[..., TestClient],
                                                        predictor: mtlrec.Predictor) -> None:
-    """With retrieval on, the heads rank exactly the N items of largest u.v among the allowed ones."""
+    """The heads rank exactly the N items of largest retrieval score among the allowed ones."""
     client = make_client(retrieval_candidates=8)
+    assert client.get("/v1/model", headers=AUTH).json()["retrieval_candidates"] == 8
     user = user_ids(predictor)[4]
     body = client.post("/v1/recommend", headers=AUTH, json={"user_id": user, "k": 5}).json()
-    assert body["candidates_ranked"] == 8 and len(body["items"]) == 5
+    assert body["candidates_ranked"] == 8 and body["two_stage"] is True and len(body["items"]) == 5
     row = int(predictor.schema.user_rows([user])[0])
+    seen = set(predictor.state.seen(row).tolist())
+    retrieved = [r for r in _retrieval_order(predictor, row).tolist() if r not in seen][:8]
+    names = predictor.schema.item_ids()
+    assert {i["item_id"] for i in body["items"]} <= set(names[retrieved])
+    fused, _ = predictor.recommender.score(torch.tensor([row]), torch.tensor(retrieved))
+    best = torch.topk(fused[0], 5).indices.numpy()
+    assert [i["item_id"] for i in body["items"]] == list(names[np.asarray(retrieved)[best]])
+    # The run's own setting is two-stage too, with 500 candidates: more than the 40 items, so exact.
+    whole = make_client().post("/v1/recommend", headers=AUTH, json={"user_id": user, "k": 5}).json()
+    assert whole["two_stage"] is False and whole["candidates_ranked"] == 40 - len(seen)
+
+
+def test_two_stage_recommend_applies_filters_in_retrieval(make_client: Callable[..., TestClient],
+                                                          predictor: mtlrec.Predictor,
+                                                          world_run: tuple[Path, Path]) -> None:
+    """Candidates, categories and seen items restrict what retrieval may return: all N are eligible."""
+    brands = pd.read_parquet(world_run[0] / "items.parquet").set_index("item_id")["brand"]
+    client = make_client(retrieval_candidates=6, category_feature="brand")
+    user = user_ids(predictor)[5]
+    row = int(predictor.schema.user_rows([user])[0])
+    names = predictor.schema.item_ids()
+    seen = set(names[predictor.state.seen(row)])
+    excluded = sorted(brands.unique())[:2]
+    candidates = item_ids(predictor)[:30]
+    body = client.post("/v1/recommend", headers=AUTH, json={
+        "user_id": user, "k": 6, "candidates": candidates, "exclude_categories": excluded}).json()
+    eligible = [i for i in candidates if i not in seen and brands[i] not in excluded]
+    assert len(eligible) > 6 and body["two_stage"] is True and body["candidates_ranked"] == 6
+    returned = [i["item_id"] for i in body["items"]]
+    assert len(returned) == 6 and set(returned) <= set(eligible)
+    order = [names[r] for r in _retrieval_order(predictor, row).tolist()]
+    assert set(returned) == set([i for i in order if i in eligible][:6])  # k = N: the retrieved set itself
+    # Without excluding seen items they may come back; an empty filter result is an empty answer.
+    body = client.post("/v1/recommend", headers=AUTH, json={"user_id": user, "k": 40, "exclude_seen": False,
+                                                            "include_categories": ["no-such-brand"]}).json()
+    assert body["items"] == [] and body["candidates_ranked"] == 0
+
+
+def test_cold_start_from_request_features(make_client: Callable[..., TestClient],
+                                          predictor: mtlrec.Predictor, world_run: tuple[Path, Path]) -> None:
+    users = pd.read_parquet(world_run[0] / "users.parquet")
+    client = make_client(retrieval_candidates=10, category_feature="brand")
+    features = {"age_band": str(users["age_band"].iloc[0]), "region": str(users["region"].iloc[0]),
+                "activity": float(users["activity"].iloc[0])}
+    body = client.post("/v1/recommend", headers=AUTH, json={"user_id": "newcomer", "k": 4,
+                                                            "features": features}).json()
+    assert body["cold_start"] is True and body["strategy"] == "features" and body["two_stage"] is True
+    assert len(body["items"]) == 4 and all(set(i["probabilities"]) == {"click", "like", "purchase"}
+                                           for i in body["items"])
+    expected = predictor.recommender.rank(predictor.schema.new_user_fields(features), 4, None, candidates=10)
+    assert [i["item_id"] for i in body["items"]] == list(predictor.schema.item_ids()[expected.rows])
+    frame = predictor.recommend("newcomer", k=4, user_features=features)  # the run's 500 candidates: exact
+    assert frame.attrs == {"cold_start": True, "strategy": "features", "two_stage": False}
+    # The answer depends on the features; missing ones count as unknown.
+    other = client.post("/v1/recommend", headers=AUTH, json={"user_id": "newcomer", "k": 40, "features": {
+        "age_band": str(users["age_band"].iloc[0])}}).json()
+    assert other["strategy"] == "features" and len(other["items"]) == 10  # the retrieved ones
+    # Without features: popularity, as before; a known user's features in the request are not used.
+    assert client.post("/v1/recommend", headers=AUTH, json={"user_id": "newcomer", "features": {}}).json()[
+        "strategy"] == "popularity"
+    known = client.post("/v1/recommend", headers=AUTH, json={"user_id": user_ids(predictor)[0], "features": {
+        "age_band": "nonsense"}}).json()
+    assert known["strategy"] == "model" and known["cold_start"] is False
+    # Bad features name the field and what is allowed.
+    bad = client.post("/v1/recommend", headers=AUTH, json={"user_id": "newcomer", "features": {"colour": "red"}})
+    assert bad.status_code == 422
+    (error,) = bad.json()["detail"]
+    assert error["field"] == "body.features" and "['activity', 'age_band', 'region']" in error["message"]
+    bad = client.post("/v1/recommend", headers=AUTH, json={"user_id": "newcomer", "features": {"activity": "x"}})
+    assert bad.status_code == 422 and "activity" in bad.json()["detail"][0]["message"]
+
+
+def test_related_items_are_retrieved_then_ranked(make_client: Callable[..., TestClient],
+                                                 predictor: mtlrec.Predictor) -> None:
+    client = make_client(retrieval_candidates=6)
+    item = item_ids(predictor)[3]
+    body = client.post("/v1/related", headers=AUTH, json={"item_id": item, "relation": "substitute", "k": 3}).json()
+    row = int(predictor.schema.item_rows([item])[0])
     with torch.no_grad():
-        u = predictor.model.encode_users({k: v[row:row + 1] for k, v in predictor.state.users.items()})
-        scores = (u @ predictor.recommender.item_vectors().T)[0]
-    scores[torch.as_tensor(predictor.state.seen(row))] = -torch.inf
-    retrieved = set(predictor.schema.item_ids()[torch.topk(scores, 8).indices.numpy()])
-    assert {i["item_id"] for i in body["items"]} <= retrieved
-    exact = predictor.recommender.top_k(row, 5, True, sorted(predictor.schema.item_rows(list(retrieved))))
-    assert [i["item_id"] for i in body["items"]] == list(predictor.schema.item_ids()[exact[0]])
+        v = predictor.model.retrieval_items(predictor.state.items)
+    scores = v @ v[row]
+    scores[row] = -torch.inf
+    nearest = set(predictor.schema.item_ids()[torch.topk(scores, 6).indices.numpy()])
+    returned = {i["item_id"] for i in body["items"]}
+    assert len(returned) == 3 and returned <= nearest and item not in returned
+
+
+def test_retrieval_candidates_need_a_retrieval_task(tmp_path: Path, make_tables: Any,
+                                                    config_dict: dict[str, Any]) -> None:
+    tables = make_tables()
+    mtlrec.train(config_dict, tmp_path / "run", FAST, tables={"interactions": tables.interactions,
+                                                              "users": tables.users, "items": tables.items,
+                                                              "item_pairs": tables.item_pairs})
+    with pytest.raises(ConfigError, match="MTLREC_RETRIEVAL_CANDIDATES is 50, but this run has no retrieval task"):
+        create_app(tmp_path / "run", ServeSettings.from_keys([KEY], retrieval_candidates=50))
+    app = create_app(tmp_path / "run", ServeSettings.from_keys([KEY]))
+    with TestClient(app) as client:
+        assert client.get("/v1/model", headers=AUTH).json()["retrieval_candidates"] == 0
+        body = client.post("/v1/recommend", headers=AUTH, json={"user_id": 3, "k": 4}).json()
+        assert body["two_stage"] is False and body["strategy"] == "model"
 
 
 def test_predict(client: TestClient, predictor: mtlrec.Predictor) -> None:
@@ -505,30 +607,6 @@ def test_settings_from_env(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Retrieval
-
-
-@settings(max_examples=40, deadline=None)
-@given(n_items=st.integers(1, 300), n=st.integers(1, 50), chunk=st.integers(1, 64), seed=st.integers(0, 1000),
-       masked=st.booleans())
-def test_chunked_top_n_equals_brute_force(n_items: int, n: int, chunk: int, seed: int, masked: bool) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    queries, items = torch.randn(3, 8, generator=gen), torch.randn(n_items, 8, generator=gen)
-    allowed = torch.rand(n_items, generator=gen) < 0.6 if masked else None
-    rows, scores = top_n_inner_product(queries, items, n, allowed, chunk=chunk)
-    full = queries @ items.T
-    if allowed is not None:
-        full[:, ~allowed] = -torch.inf
-    n_valid = n_items if allowed is None else int(allowed.sum())
-    expected_scores, _ = torch.topk(full, min(n, n_valid), dim=1)
-    assert rows.shape == (3, min(n, n_valid))
-    torch.testing.assert_close(scores, expected_scores)
-    torch.testing.assert_close(torch.gather(full, 1, rows), expected_scores)  # recall 1: same scores, same items
-    if allowed is not None:
-        assert bool(allowed[rows].all())
-
-
-# ---------------------------------------------------------------------------------------------
 # Artifacts: truncated and tampered weights, manifest
 
 
@@ -657,7 +735,11 @@ def fuzz_schema(predictor: mtlrec.Predictor) -> Any:
                                                         rate_limit_per_second=100000.0, max_k=50,
                                                         # schemathesis tries wrong keys on purpose; the lockout
                                                         # has its own tests
-                                                        auth_slowdown_after=10**6, auth_block_after=10**6))
+                                                        auth_slowdown_after=10**6, auth_block_after=10**6,
+                                                        # its over-long lists (> 10,000 pairs) can pass 1 MiB,
+                                                        # and it does not count 413 as a rejection; the body
+                                                        # limit has its own tests
+                                                        max_body_bytes=1 << 26))
     return schemathesis.openapi.from_asgi("/openapi.json", app, headers=AUTH)
 
 
@@ -703,10 +785,14 @@ def test_property_requests_with_known_ids(predictor: mtlrec.Predictor, world_run
                                                         retrieval_candidates=12))
     context_value = st.one_of(st.none(), st.integers(-5, 30), st.floats(-1e12, 1e12), st.text(max_size=8),
                               st.sampled_from(["mobile", "desktop"]))
+    age_bands = sorted(pd.read_parquet(world_run[0] / "users.parquet")["age_band"].astype(str).unique())
+    features = st.fixed_dictionaries({}, optional={
+        "age_band": st.one_of(st.none(), st.sampled_from([*age_bands, "zz"])),
+        "activity": st.one_of(st.none(), st.floats(-1e6, 1e6), st.integers(-100, 100))})
     recommend = st.fixed_dictionaries({"user_id": _ids(users), "k": st.integers(1, 60)}, optional={
         "exclude_seen": st.booleans(), "candidates": st.lists(_ids(items), max_size=30),
         "include_categories": st.lists(st.sampled_from([*brands, "zz"]), max_size=4),
-        "exclude_categories": st.lists(st.sampled_from([*brands, "zz"]), max_size=4)})
+        "exclude_categories": st.lists(st.sampled_from([*brands, "zz"]), max_size=4), "features": features})
     pair = st.fixed_dictionaries({"user_id": _ids(users), "item_id": st.sampled_from(items)}, optional={
         "context": st.fixed_dictionaries({}, optional={"hour": context_value, "device": context_value})})
 

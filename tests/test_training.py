@@ -32,12 +32,12 @@ FAST = ["train.epochs=2", "train.batch_size=256", "train.progress=false",
 @pytest.fixture(scope="module")
 def world_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     world = make_world(seed=1, **SMALL)
-    return world.write(tmp_path_factory.mktemp("world"))
+    return world.write(tmp_path_factory.mktemp("world"), retrieval=True)
 
 
 @pytest.fixture(scope="module")
 def prepared() -> tuple[InputSpec, EncodedData, dict[str, torch.Tensor]]:
-    """Spec, encoded data and fixed row sets of every source, with a regression task added."""
+    """Spec, encoded data and fixed row sets of every source, with regression and retrieval tasks added."""
     world = make_world(seed=2, **SMALL)
     raw = world.config_dict()
     tables = {name: frame.copy() for name, frame in world.tables.items()}
@@ -45,6 +45,7 @@ def prepared() -> tuple[InputSpec, EncodedData, dict[str, torch.Tensor]]:
     inter = tables["interactions"]
     inter["dwell"] = inter["click"] * 2.0 + rng.normal(0, 0.1, len(inter))
     raw["tasks"].append({"name": "dwell", "kind": "interaction", "label": "dwell", "type": "regression"})
+    raw["tasks"].append({"name": "retrieval", "kind": "retrieval", "label": "click", "dim": 8})
     config = config_from_dict(raw)
     data_tables = Tables(**tables)
     split = split_tables(data_tables, config)
@@ -74,6 +75,8 @@ def test_every_backbone_with_every_weighting(prepared, backbone: str, weighting:
             task = spec.task(name)
             one = task.type in ("binary", "regression")
             shape = (len(batch),) if one else (len(batch), task.num_outputs)
+            if task.type == "retrieval":
+                shape = (len(batch), len(batch))  # in-batch logits
             assert tuple(logits.shape) == shape, (name, logits.shape)
 
     def total_loss() -> float:
@@ -163,8 +166,14 @@ def test_run_directory_and_metrics(world_config: Path, tmp_path: Path) -> None:
     for name in ("config.yaml", "schema.json", "weights.safetensors", "metrics.json", "log.jsonl"):
         assert (run / name).is_file(), name
     tasks = result.metrics["tasks"]
-    assert set(tasks) == {"click", "like", "purchase", "segment", "category", "tags", "relation"}
+    assert set(tasks) == {"click", "like", "purchase", "segment", "category", "tags", "relation", "retrieval"}
     assert 0.0 <= tasks["click"]["test"]["auc"] <= 1.0
+    for part in ("valid", "test"):
+        retrieval = tasks["retrieval"][part]
+        assert set(retrieval) == {"recall@10", "recall@100", "mrr"}
+        assert 0.0 <= retrieval["recall@10"] <= retrieval["recall@100"] <= 1.0 and 0.0 < retrieval["mrr"] <= 1.0
+    # The retrieval loss is one more task loss: in every epoch's record of the log.
+    assert all("retrieval" in record["train_loss"] for record in result.history)
     assert "accuracy" in tasks["segment"]["test"]
     assert "map" in tasks["tags"]["test"]
     assert "valid" in tasks["click"] and tasks["click"]["valid"]

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mtlrec.errors import ConfigError
 
-TaskKind = Literal["interaction", "user", "item", "item_pair"]
-TaskType = Literal["binary", "multiclass", "multilabel", "regression"]
+TaskKind = Literal["interaction", "user", "item", "item_pair", "retrieval"]
+TaskType = Literal["binary", "multiclass", "multilabel", "regression", "retrieval"]
 FeatureType = Literal["categorical", "numeric", "multi_categorical", "sequence"]
 TableName = Literal["interactions", "users", "items"]
 
@@ -27,7 +27,11 @@ TASK_TABLE: dict[str, str] = {
     "user": "users",
     "item": "items",
     "item_pair": "item_pairs",
+    "retrieval": "interactions",
 }
+
+_RETRIEVAL_ONLY = ("dim", "temperature")
+"""Task keys that apply to the retrieval task alone."""
 
 
 class _Strict(BaseModel):
@@ -111,17 +115,50 @@ class FeatureConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    """One prediction task: (name, kind, label column, type), optionally conditional on a parent."""
+    """One prediction task: (name, kind, label column, type), optionally conditional on a parent.
+
+    A `retrieval` task trains dedicated user and item vectors of `dim` for candidate retrieval
+    (in-batch sampled softmax with log-Q correction, Yi et al., RecSys 2019): its `label` names
+    the interactions column whose 1s are the positive pairs (null: every interaction), and its
+    `type` is `retrieval` (the default for that kind).
+    """
 
     name: str
     kind: TaskKind
-    label: str
+    label: str | None = None
     type: TaskType
     after: str | None = None
     classes: list[str] | None = None
     separator: str = "|"
     weight: float = Field(1.0, ge=0.0)
     directed: bool = False
+    dim: int = Field(32, ge=1)
+    temperature: float = Field(0.05, gt=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retrieval_type(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("kind") == "retrieval" and "type" not in data:
+            return {**data, "type": "retrieval"}
+        return data
+
+    @model_validator(mode="after")
+    def _kind_options(self) -> TaskConfig:
+        if (self.kind == "retrieval") != (self.type == "retrieval"):
+            raise ValueError(f"task '{self.name}': type 'retrieval' goes with kind 'retrieval' and only with it; "
+                             f"got kind '{self.kind}' and type '{self.type}'")
+        if self.kind == "retrieval":
+            if self.after is not None or self.classes is not None or self.directed:
+                raise ValueError(f"task '{self.name}' is a retrieval task; after, classes and directed do not "
+                                 "apply to it")
+            return self
+        if self.label is None:
+            raise ValueError(f"task '{self.name}' needs a label column (only a retrieval task may omit it)")
+        # Compared with the defaults, not with the keys given: a dumped config writes every key.
+        given = [key for key in _RETRIEVAL_ONLY if getattr(self, key) != TaskConfig.model_fields[key].default]
+        if given:
+            raise ValueError(f"task '{self.name}': {given} apply to retrieval tasks only")
+        return self
 
     @property
     def table(self) -> str:
@@ -194,12 +231,14 @@ class TrainConfig(_Strict):
 
 
 class RecommendConfig(_Strict):
-    """How interaction tasks' probabilities are fused into one ranking score."""
+    """How interaction tasks' probabilities are fused into one ranking score, and how many
+    candidates retrieval hands to the ranking stage (runs with a retrieval task only)."""
 
     k: int = Field(10, ge=1)
     fusion: dict[str, float] = {}
     fusion_rule: Literal["log_sum", "product", "sum"] = "log_sum"
     exclude_seen: bool = True
+    candidates: int = Field(500, ge=0)
 
 
 class Config(_Strict):
@@ -218,6 +257,11 @@ class Config(_Strict):
         _check_unique("features", [f.name for f in self.features])
         if not self.tasks:
             raise ValueError("at least one task is required")
+        retrieval = [t.name for t in self.tasks if t.kind == "retrieval"]
+        if len(retrieval) > 1:
+            raise _KeyError(f"tasks: {retrieval} are all retrieval tasks; a run has at most one")
+        if retrieval and (self.data.user_id is None or self.data.item_id is None):
+            raise _KeyError(f"task '{retrieval[0]}' is a retrieval task, which needs data.user_id and data.item_id")
         by_name = {t.name: t for t in self.tasks}
         given = self.data.table_paths()
         for i, task in enumerate(self.tasks):

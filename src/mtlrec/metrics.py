@@ -36,6 +36,7 @@ PRIMARY_METRIC: dict[str, str] = {
     "multiclass": "accuracy",
     "multilabel": "map",
     "regression": "rmse",
+    "retrieval": "recall@100",
 }
 """The metric that early stopping and reports use by default for each task type."""
 

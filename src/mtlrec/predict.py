@@ -6,7 +6,7 @@ the serving state (safetensors); nothing is unpickled.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,11 +194,16 @@ class Predictor:
         return self._append(pd.DataFrame({"item_a": list(items_a), "item_b": list(items_b)}), logits)
 
     def recommend(self, user_id: Any, k: int | None = None, exclude_seen: bool | None = None,
-                  candidates: Sequence[Any] | None = None) -> pd.DataFrame:
+                  candidates: Sequence[Any] | None = None,
+                  user_features: Mapping[str, Any] | None = None) -> pd.DataFrame:
         """The top-K items for a user: item id, fused score and each binary interaction task's
         probability per impression (conditional tasks chained: P(click and purchase)).
 
-        An unknown user gets the most popular items; `frame.attrs['cold_start']` says so.
+        Two-stage when the run has a retrieval task (`recommend.candidates` retrieved, then ranked).
+        An unknown user with `user_features` (raw values of the run's user features, by name) is
+        encoded from them alone and ranked like a known one; without them, gets the most popular
+        items. `frame.attrs` says which: `cold_start` (bool), `strategy` ('model', 'features' or
+        'popularity') and `two_stage` (bool).
         """
         k = self.config.recommend.k if k is None else k
         if k < 1:
@@ -209,16 +214,23 @@ class Predictor:
             cand_rows = cand_rows[cand_rows >= 0]
         row = int(self._user_rows([user_id])[0]) if self.config.data.user_id is not None else -1
         item_ids = self.schema.item_ids()
-        if row < 0:
+        exclude = self.config.recommend.exclude_seen if exclude_seen is None else exclude_seen
+        if row >= 0:
+            user = self.recommender.user_fields(torch.tensor([row]))
+            allowed, strategy = self.recommender.eligible(row, exclude, cand_rows), "model"
+        elif user_features:
+            user = self.schema.new_user_fields(user_features)
+            allowed, strategy = self.recommender.eligible(None, False, cand_rows), "features"
+        else:
             rows, counts = self.recommender.popular(k, cand_rows)
             frame = pd.DataFrame({"item_id": item_ids[rows], "popularity": counts.astype(float)})
-            frame.attrs["cold_start"] = True
+            frame.attrs.update(cold_start=True, strategy="popularity", two_stage=False)
             return frame
-        rows, scores, probs = self.recommender.top_k(row, k, exclude_seen, cand_rows)
-        frame = pd.DataFrame({"item_id": item_ids[rows], "score": scores.astype(float)})
-        for task, values in probs.items():
+        ranking = self.recommender.rank(user, k, allowed)
+        frame = pd.DataFrame({"item_id": item_ids[ranking.rows], "score": ranking.scores.astype(float)})
+        for task, values in ranking.probabilities.items():
             frame[task] = values.astype(float)
-        frame.attrs["cold_start"] = False
+        frame.attrs.update(cold_start=row < 0, strategy=strategy, two_stage=ranking.two_stage)
         return frame
 
     def related_items(self, item_id: Any, relation: str, k: int = 10, task: str | None = None) -> pd.DataFrame:

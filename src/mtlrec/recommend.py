@@ -1,5 +1,10 @@
 """Top-K recommendation with a multi-objective score, related items, and the ranking report.
 
+Two stages when the run has a retrieval task: the `recommend.candidates` items of largest
+retrieval score u_r . v_r among those the filters allow (exact top-N by a chunked matrix product
+over the catalogue's retrieval vectors, computed once), then the ranking stage below scores
+them. Without a retrieval task, or with `candidates: 0`, every allowed item is ranked exactly.
+
 Scores: every binary interaction task gives P(event | impression); a conditional task's
 probability is taken over the entire space (p(click) * p(purchase | click)), so that every task's
 number answers the same question for a candidate item. `recommend.fusion` weights them:
@@ -12,7 +17,7 @@ number answers the same question for a candidate item. `recommend.fusion` weight
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +31,7 @@ from mtlrec.data.spec import InputSpec, TaskSpec
 from mtlrec.errors import ArtifactError
 from mtlrec.metrics import ranking_metrics
 from mtlrec.models.model import RecModel
+from mtlrec.retrieval import top_n_inner_product
 from mtlrec.training.checkpoint import load_tensors, save_tensors
 
 if TYPE_CHECKING:
@@ -120,14 +126,26 @@ def _take(fields: Mapping[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     return {k: v.index_select(0, rows) for k, v in fields.items()}
 
 
+@dataclass
+class Ranking:
+    """One user's top-K: item rows, fused scores and each binary interaction task's probability
+    (all [K], best first), how many items the heads scored, and whether retrieval chose them."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    probabilities: dict[str, np.ndarray] = field(default_factory=dict)
+    ranked: int = 0
+    two_stage: bool = False
+
+
 class Recommender:
-    """Scores candidate items for users with the interaction tasks and fuses them into one score.
+    """Retrieves and ranks candidate items for users, fusing the interaction tasks into one score.
 
     Args:
         model: a trained model.
         spec: its input spec.
         state: entity features, seen items and popularity.
-        settings: fusion weights, rule, K and whether to exclude seen items.
+        settings: fusion weights, rule, K, whether to exclude seen items, retrieval candidates.
     """
 
     def __init__(self, model: RecModel, spec: InputSpec, state: ServingState, settings: RecommendConfig) -> None:
@@ -139,9 +157,24 @@ class Recommender:
         self.fusion = dict(settings.fusion) or {t.name: 1.0 for t in binary}
         self.scored_tasks = [t.name for t in binary]
         self._item_vectors: Tensor | None = None
+        self.retrieval_vectors = self._retrieval_vectors()
+        self.candidates = settings.candidates if self.retrieval_vectors is not None else 0
+        """Items retrieval hands to the ranking stage (0: rank every allowed item)."""
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def _retrieval_vectors(self, chunk: int = 65536) -> Tensor | None:
+        """v_r of every item entity [I, d_r], or None without a retrieval task."""
+        if not self.model.retrieval_dim or self.state.num_items == 0:
+            return None
+        n = self.state.num_items
+        parts = []
+        for start in range(0, n, chunk):
+            rows = torch.arange(start, min(start + chunk, n))
+            parts.append(self.model.retrieval_items(_take(self.state.items, rows)))
+        return torch.cat(parts)  # [I, d_r]
 
     @torch.no_grad()
     def item_vectors(self) -> Tensor:
@@ -149,6 +182,10 @@ class Recommender:
         if self._item_vectors is None:
             self._item_vectors = self.model.encode_items(self.state.items)
         return self._item_vectors
+
+    def user_fields(self, user_rows: Tensor) -> dict[str, Tensor]:
+        """The user-group fields of known user entity rows [U]."""
+        return _take(self.state.users, user_rows)
 
     def joint_probabilities(self, logits: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """P(task's event | impression) of every binary interaction task (conditionals chained)."""
@@ -175,18 +212,23 @@ class Recommender:
               chunk_pairs: int = 1 << 16) -> tuple[Tensor, dict[str, Tensor]]:
         """Fused scores [U, I] and per-task impression probabilities [U, I] for user entity rows
         against item entity rows (default: the whole catalogue), in chunks of user-item pairs."""
+        return self.score_users(self.user_fields(user_rows), item_rows, chunk_pairs)
+
+    @torch.no_grad()
+    def score_users(self, users: Mapping[str, Tensor], item_rows: Tensor | None = None,
+                    chunk_pairs: int = 1 << 16) -> tuple[Tensor, dict[str, Tensor]]:
+        """`score` for users given by their fields (U rows each), known or not."""
         items = item_rows if item_rows is not None else torch.arange(self.state.num_items)
         v_all = self.item_vectors().index_select(0, items)  # [I, D]
         n_items = len(items)
+        n_users = _rows(users)
         item_ids = self.state.items["item_id"].index_select(0, items) if "item_id" in self.state.items else None
-        users = _take(self.state.users, user_rows)
         target_aware = self.model.target_aware
         u_all = None if target_aware else self.model.encode_users(users)  # [U, D]
         per_chunk = max(1, chunk_pairs // max(n_items, 1))
         fused_parts, prob_parts = [], []
-        for start in range(0, len(user_rows), per_chunk):
-            sl = slice(start, start + per_chunk)
-            n = len(user_rows[sl])
+        for start in range(0, n_users, per_chunk):
+            n = min(per_chunk, n_users - start)
             rep = torch.arange(start, start + n).repeat_interleave(n_items)  # [n*I]
             v = v_all.repeat(n, 1)  # [n*I, D]
             targets = item_ids.repeat(n) if item_ids is not None else None
@@ -200,21 +242,67 @@ class Recommender:
         probs = {t: torch.cat([p[t] for p in prob_parts]) for t in self.scored_tasks} if prob_parts else {}
         return fused, probs
 
+    def eligible(self, user_row: int | None, exclude_seen: bool,
+                 candidates: Sequence[int] | np.ndarray | None = None) -> np.ndarray | None:
+        """bool [I] of the items that may be recommended (None: every item).
+
+        Args:
+            user_row: a known user's entity row (whose seen items `exclude_seen` drops), or None.
+            exclude_seen: drop the user's training items.
+            candidates: item rows to restrict to (None: the whole catalogue).
+        """
+        allowed: np.ndarray | None = None
+        if candidates is not None:
+            allowed = np.zeros(self.state.num_items, dtype=bool)
+            allowed[np.asarray(candidates, dtype=np.int64)] = True
+        if exclude_seen and user_row is not None:
+            allowed = np.ones(self.state.num_items, dtype=bool) if allowed is None else allowed
+            allowed[self.state.seen(user_row)] = False
+        return allowed
+
+    @torch.no_grad()
+    def retrieve(self, users: Mapping[str, Tensor], n: int, allowed: np.ndarray | None = None) -> Tensor:
+        """Item rows [U, n'] of the n largest retrieval scores u_r . v_r among the allowed items.
+
+        Raises:
+            ValueError: the model has no retrieval task.
+        """
+        if self.retrieval_vectors is None:
+            raise ValueError("this run has no retrieval task, so nothing to retrieve with; rank the catalogue")
+        u = self.model.retrieval_users(users)  # [U, d_r]
+        mask = None if allowed is None else torch.from_numpy(allowed)
+        rows, _ = top_n_inner_product(u, self.retrieval_vectors, n, mask)
+        return rows
+
+    @torch.no_grad()
+    def rank(self, user: Mapping[str, Tensor], k: int, allowed: np.ndarray | None = None,
+             candidates: int | None = None) -> Ranking:
+        """The K best allowed items for one user given by its fields (one row each).
+
+        Two-stage when the run has retrieval vectors and more than `candidates` items (default
+        `self.candidates`; 0 turns retrieval off) are allowed: the heads rank the retrieved ones.
+        Otherwise the heads rank every allowed item.
+        """
+        n = self.candidates if candidates is None else candidates
+        rows = np.arange(self.state.num_items) if allowed is None else np.flatnonzero(allowed)
+        two_stage = bool(n) and self.retrieval_vectors is not None and len(rows) > n
+        if two_stage:
+            rows = self.retrieve(user, n, allowed)[0].numpy()
+        if len(rows) == 0:
+            return Ranking(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), two_stage=two_stage)
+        fused, probs = self.score_users(user, torch.as_tensor(rows))
+        best = torch.topk(fused[0], min(k, len(rows))).indices
+        return Ranking(rows[best.numpy()], fused[0, best].numpy(), {t: p[0, best].numpy() for t, p in probs.items()},
+                       ranked=len(rows), two_stage=two_stage)
+
     def top_k(self, user_row: int, k: int, exclude_seen: bool | None = None,
               candidates: Sequence[int] | np.ndarray | None = None,
               ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """The K best item rows for one known user: (item rows, fused scores, task probabilities)."""
-        items = torch.as_tensor(np.asarray(candidates, dtype=np.int64)) if candidates is not None else None
-        fused, probs = self.score(torch.tensor([user_row]), items)
-        scores = fused[0].clone()
-        item_rows = items.numpy() if items is not None else np.arange(self.state.num_items)
         exclude = self.settings.exclude_seen if exclude_seen is None else exclude_seen
-        if exclude:
-            scores[torch.as_tensor(np.isin(item_rows, self.state.seen(user_row)))] = -torch.inf
-        k = min(k, int(torch.isfinite(scores).sum()))
-        best = torch.topk(scores, k).indices
-        return (item_rows[best.numpy()], scores[best].numpy(),
-                {t: p[0, best].numpy() for t, p in probs.items()})
+        ranking = self.rank(self.user_fields(torch.tensor([user_row])), k,
+                            self.eligible(user_row, exclude, candidates))
+        return ranking.rows, ranking.scores, ranking.probabilities
 
     def popular(self, k: int, candidates: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Cold start without user features: the most popular items (item rows, counts)."""
@@ -225,17 +313,36 @@ class Recommender:
         return rows[best], values[best].numpy()
 
     @torch.no_grad()
-    def related(self, item_row: int, task: TaskSpec, relation: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Items most likely in `relation` with an item, by the item-pair head over the catalogue."""
+    def related(self, item_row: int, task: TaskSpec, relation: str, k: int,
+                candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Items most likely in `relation` with an item, by the item-pair head.
+
+        The head scores every other item, or, when the run has retrieval vectors and the catalogue
+        holds more than `candidates` (default `self.candidates`) other items, the `candidates`
+        items nearest to this one by v_r . v_r.
+        """
         cls = list(task.classes).index(relation)
-        n = self.state.num_items
-        candidates = torch.cat([torch.arange(item_row), torch.arange(item_row + 1, n)])  # every item but itself
-        anchor = _take(self.state.items, torch.full((len(candidates),), item_row, dtype=torch.int64))
-        batch = Batch("item_pairs", item=anchor, item_b=_take(self.state.items, candidates))
+        n_items = self.state.num_items
+        n = self.candidates if candidates is None else candidates
+        if n and self.retrieval_vectors is not None and n_items - 1 > n:
+            others = torch.ones(n_items, dtype=torch.bool)
+            others[item_row] = False
+            query = self.retrieval_vectors[item_row:item_row + 1]  # [1, d_r]
+            rows = top_n_inner_product(query, self.retrieval_vectors, n, others)[0][0]
+        else:
+            rows = torch.cat([torch.arange(item_row), torch.arange(item_row + 1, n_items)])  # all but itself
+        anchor = _take(self.state.items, torch.full((len(rows),), item_row, dtype=torch.int64))
+        batch = Batch("item_pairs", item=anchor, item_b=_take(self.state.items, rows))
         logits = self.model(batch)[task.name]
         probs = torch.softmax(logits, -1)[:, cls] if task.type == "multiclass" else torch.sigmoid(logits)[:, cls]
-        best = torch.topk(probs, min(k, len(candidates))).indices
-        return candidates[best].numpy(), probs[best].numpy()
+        best = torch.topk(probs, min(k, len(rows))).indices
+        return rows[best].numpy(), probs[best].numpy()
+
+
+def _rows(fields: Mapping[str, Tensor]) -> int:
+    for tensor in fields.values():
+        return int(tensor.shape[0])
+    raise ValueError("cannot tell how many users: no user fields were given")
 
 
 def ranking_report(model: RecModel, data: EncodedData, spec: InputSpec, split: SplitIndex, config: Config,

@@ -8,7 +8,7 @@ labels) into an `EncodedData` of contiguous tensors. The schema saves to one JSO
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from mtlrec.data.encoders import (
     encoder_from_dict,
     to_float,
 )
-from mtlrec.data.spec import FieldSpec, Group, InputSpec, TaskSpec
+from mtlrec.data.spec import OOV, FieldSpec, Group, InputSpec, TaskSpec
 from mtlrec.data.split import SplitIndex
 from mtlrec.data.tables import Tables, timestamps, validate_tables
 from mtlrec.errors import ArtifactError, ConfigError, DataError
@@ -184,8 +184,12 @@ class Schema:
         for i, task in enumerate(cfg.tasks):
             df = tables.get(task.table)
             assert df is not None
+            if task.label is None:  # a retrieval task whose positives are every interaction
+                continue
             rows = split.rows(task.table, "train")
-            encoder_l = LabelEncoder(task.type, task.classes, task.separator,
+            # A retrieval task's label marks its positive pairs: a binary column.
+            label_type = "binary" if task.type == "retrieval" else task.type
+            encoder_l = LabelEncoder(label_type, task.classes, task.separator,
                                      name=f"task '{task.name}' (tasks[{i}].label)")
             self.labels_[task.name] = encoder_l.fit(df[task.label].iloc[rows])
 
@@ -239,6 +243,9 @@ class Schema:
         fields += by_group["item"] + by_group["context"]
         tasks = []
         for task in cfg.tasks:
+            if task.kind == "retrieval":
+                tasks.append(TaskSpec(task.name, "retrieval", "retrieval", task.dim, temperature=task.temperature))
+                continue
             enc = self.labels_[task.name]
             classes = tuple(enc.classes_) if task.type in ("multiclass", "multilabel") else ()
             tasks.append(TaskSpec(task.name, task.kind, task.type, enc.num_outputs, task.after,
@@ -293,7 +300,38 @@ class Schema:
             df = tables.get(name)
             assert df is not None
             source.labels, source.masks = self._labels(name, df)
+        for task in cfg.tasks_of("retrieval"):
+            self._retrieval_labels(task, inter, sources["interactions"], split)
         return EncodedData(self.spec_, users_table, items_table, sources)
+
+    def _retrieval_labels(self, task: TaskConfig, inter: pd.DataFrame, source: SourceData,
+                          split: SplitIndex | None) -> None:
+        """The retrieval task's targets: log q of each interaction's item, masked to the positives.
+
+        q is the probability that a positive interaction drawn at random is of that item: its count
+        among the positive training interactions (every interaction given, without `split`) over
+        their number. The loss subtracts log q from each in-batch logit (log-Q correction, Yi et al.,
+        RecSys 2019), so popular items, which are in-batch negatives more often, are not over-penalised.
+        Items without a positive training interaction count once: their rows only reach evaluation.
+        """
+        if task.label is None:
+            positive = np.ones(len(inter), dtype=bool)
+        elif task.label in inter.columns:
+            labels, mask = self.labels_[task.name].transform(inter[task.label])
+            positive = np.asarray(mask & (labels == 1.0))
+        else:  # prediction input without labels
+            positive = np.zeros(len(inter), dtype=bool)
+        items = source.keys["item_key"].numpy().astype(np.int64)
+        counted = positive.copy()
+        if split is not None:
+            train = np.zeros(len(inter), dtype=bool)
+            train[split.rows("interactions", "train")] = True
+            counted &= train
+        counts = np.bincount(items[counted], minlength=int(items.max(initial=-1)) + 1).astype(np.float64)
+        total = max(float(counts.sum()), 1.0)
+        log_q = np.log(np.maximum(counts, 1.0) / total).astype(np.float32)
+        source.labels[task.name] = torch.from_numpy(log_q[items] if items.size else np.zeros(0, np.float32))
+        source.masks[task.name] = torch.from_numpy(positive)
 
     def _item_entities(self, tables: Tables, sources: dict[str, SourceData]) -> EntityTable | None:
         """The item entity table; sets the item keys of the interactions, items and item_pairs rows."""
@@ -360,6 +398,38 @@ class Schema:
                 raise DataError(f"feature '{feat.name}' (features[{i}]) names column '{feat.source_column}', "
                                 f"which the input does not have; its columns are {columns}")
             out[feat.name] = torch.from_numpy(self._encode_feature(feat, frame[feat.source_column]))
+        return out
+
+    def new_user_fields(self, features: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The user-group fields of one user the model does not know, from its raw feature values.
+
+        `features` maps names of user features (`table: users`) to raw values as the users table
+        holds them; absent features and None count as missing. The id is the OOV row and behaviour
+        sequences are empty, so the user encoder reads the given features alone (cold start).
+
+        Returns:
+            field name -> int64 [1] (categorical), float32 [1, 2] (numeric), int64 [1, L]
+            (multi-categorical, sequence).
+
+        Raises:
+            DataError: a name that is not a user feature, or a value its encoder rejects (such as
+                text for a numeric feature).
+        """
+        self._check_fitted()
+        by_name = {f.name: f for f in self.config.features if f.table == "users"}
+        unknown = sorted(set(features) - set(by_name))
+        if unknown:
+            raise DataError(f"{unknown} are not user features of this run; its user features are {sorted(by_name)}")
+        out: dict[str, torch.Tensor] = {}
+        for spec in self.spec_.group("user"):
+            if spec.kind == "sequence":
+                out[spec.name] = torch.zeros(1, spec.length, dtype=torch.int64)
+            elif spec.name == "user_id":
+                out[spec.name] = torch.tensor([OOV], dtype=torch.int64)
+            else:
+                value = pd.Series([features.get(spec.name)], dtype=object)
+                encoded = torch.from_numpy(self._encode_feature(by_name[spec.name], value))
+                out[spec.name] = encoded if spec.kind == "numeric" else encoded.long()
         return out
 
     def _encode_feature(self, feat: FeatureConfig, column: pd.Series) -> np.ndarray:
@@ -443,7 +513,7 @@ class Schema:
     def _labels(self, source: str,
                 df: pd.DataFrame) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Labels and masks of every task of `source`; conditional tasks masked where the parent is not 1."""
-        tasks = [t for t in self.config.tasks if t.table == source]
+        tasks = [t for t in self.config.tasks if t.table == source and t.kind != "retrieval"]
         labels: dict[str, np.ndarray] = {}
         masks: dict[str, np.ndarray] = {}
         for task in tasks:

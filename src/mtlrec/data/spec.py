@@ -39,17 +39,20 @@ class FieldSpec:
 class TaskSpec:
     """One task as the model and the losses see it.
 
-    `num_outputs` is 1 for binary and regression, C for multiclass, L for multilabel.
+    `num_outputs` is 1 for binary and regression, C for multiclass, L for multilabel, and the
+    width of the retrieval vectors for a retrieval task.
     `parent` names the binary task this one is conditional on (ESMM), or None.
+    `temperature` divides the cosine similarities of a retrieval task's in-batch logits.
     """
 
     name: str
-    kind: Literal["interaction", "user", "item", "item_pair"]
-    type: Literal["binary", "multiclass", "multilabel", "regression"]
+    kind: Literal["interaction", "user", "item", "item_pair", "retrieval"]
+    type: Literal["binary", "multiclass", "multilabel", "regression", "retrieval"]
     num_outputs: int
     parent: str | None = None
     directed: bool = False
     classes: tuple[str, ...] = ()
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,5 +81,6 @@ SOURCE_OF_KIND: dict[str, str] = {
     "user": "users",
     "item": "items",
     "item_pair": "item_pairs",
+    "retrieval": "interactions",
 }
 """The source (table) whose batches carry the labels of each task kind."""

@@ -214,9 +214,10 @@ class SyntheticWorld:
             return frame[task].to_numpy(dtype=np.float64)
         return frame[[f"{task}={c}" for c in self.classes[task]]].to_numpy(dtype=np.float64)
 
-    def config_dict(self, data_dir: str = ".") -> dict[str, Any]:
+    def config_dict(self, data_dir: str = ".", retrieval: bool = False) -> dict[str, Any]:
         """A ready config that trains a PLE model on the files `write` produces in `data_dir`.
 
+        With `retrieval`, it also has a retrieval task on the clicks (two-stage recommending).
         Validates with `mtlrec.config.config_from_dict`. No feature reveals a label.
         """
         def path(name: str) -> str:
@@ -253,6 +254,7 @@ class SyntheticWorld:
                  "classes": list(self.classes["tags"]), "separator": "|"},
                 {"name": "relation", "kind": "item_pair", "label": "relation", "type": "multiclass",
                  "classes": list(self.classes["relation"])},
+                *([{"name": "retrieval", "kind": "retrieval", "label": "click"}] if retrieval else []),
             ],
             # dropout: without it the id embeddings memorise the user and item labels
             "model": {"backbone": "ple", "dropout": 0.2},
@@ -261,15 +263,16 @@ class SyntheticWorld:
             "recommend": {"k": 10, "fusion": {"click": 1.0, "like": 0.5, "purchase": 2.0}},
         }
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write the four tables, `oracle_<table>.parquet` and `config.yaml`; return the config's path."""
+    def write(self, out_dir: str | Path, retrieval: bool = False) -> Path:
+        """Write the four tables, `oracle_<table>.parquet` and `config.yaml` (with a retrieval task
+        when `retrieval`); return the config's path."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name in TABLES:
             self.tables[name].to_parquet(out / f"{name}.parquet", index=False)
             self.oracle[name].to_parquet(out / f"oracle_{name}.parquet", index=False)
         config_path = out / "config.yaml"
-        config_path.write_text(yaml.safe_dump(self.config_dict("."), sort_keys=False), encoding="utf-8")
+        config_path.write_text(yaml.safe_dump(self.config_dict(".", retrieval), sort_keys=False), encoding="utf-8")
         return config_path
 
 

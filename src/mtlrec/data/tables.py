@@ -312,6 +312,8 @@ def validate_tables(tables: Tables, config: Config, labels: Mapping[str, str] | 
         if df is None:
             raise DataError(f"task '{task.name}' (tasks[{i}]) reads table '{task.table}', "
                             "which was not given")
+        if task.label is None:  # a retrieval task over every interaction
+            continue
         if task.label not in df.columns:
             if require_labels:
                 _require(df, task.label, f"task '{task.name}' (tasks[{i}].label)", names[task.table],

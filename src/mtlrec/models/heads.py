@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtlrec.data.spec import TaskSpec
@@ -59,3 +60,36 @@ class PairHead(nn.Module):
         B = a.shape[0]
         both = self.head(torch.cat([pair_features(a, b), pair_features(b, a)]))  # [2B] or [2B, C]
         return 0.5 * (both[:B] + both[B:])
+
+
+class RetrievalHead(nn.Module):
+    """Dedicated retrieval vectors on top of the shared user and item encoders.
+
+    u_r = normalise(MLP_u(u)), v_r = normalise(MLP_v(v)), both [B, d_r] with d_r =
+    `task.num_outputs`; their inner product is the cosine similarity that retrieval ranks the
+    catalogue by. `forward` gives the in-batch logits u_r(i) . v_r(j) / temperature that the
+    sampled-softmax loss trains (two towers with in-batch negatives: Yi et al., RecSys 2019).
+    """
+
+    def __init__(self, user_dim: int, item_dim: int, hidden: Sequence[int], task: TaskSpec,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if task.type != "retrieval" or task.num_outputs < 1 or task.temperature <= 0:
+            raise ConfigError(f"task '{task.name}' must be a retrieval task with num_outputs >= 1 and a positive "
+                              f"temperature, got type {task.type}, num_outputs={task.num_outputs}, "
+                              f"temperature={task.temperature}")
+        self.user = MLP(user_dim, hidden, task.num_outputs, dropout)
+        self.item = MLP(item_dim, hidden, task.num_outputs, dropout)
+        self.temperature = task.temperature
+
+    def users(self, u: Tensor) -> Tensor:
+        """[B, D] user encoder outputs -> [B, d_r] unit vectors."""
+        return F.normalize(self.user(u), dim=-1)
+
+    def items(self, v: Tensor) -> Tensor:
+        """[B, D] item encoder outputs -> [B, d_r] unit vectors."""
+        return F.normalize(self.item(v), dim=-1)
+
+    def forward(self, u: Tensor, v: Tensor) -> Tensor:
+        """In-batch logits [B, B]: row i's user against every row's item, over the temperature."""
+        return self.users(u) @ self.items(v).T / self.temperature  # [B, B]

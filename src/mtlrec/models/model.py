@@ -7,6 +7,7 @@
     interactions   [u, v, c, u*v] -> backbone -> tower per interaction task -> logits
     users          u -> head per user task;  items  v -> head per item task
     item pairs     [v_a, v_b, v_a*v_b, |v_a - v_b|] -> head per pair task
+    retrieval      u -> u_r, v -> v_r (unit vectors) -> in-batch logits u_r . v_r / temperature
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mtlrec.errors import ConfigError
 from mtlrec.models.backbones import BACKBONES, Backbone
 from mtlrec.models.embedding import FeatureEmbedding
 from mtlrec.models.encoders import GroupEncoder, missing_features
-from mtlrec.models.heads import PairHead, TaskHead
+from mtlrec.models.heads import PairHead, RetrievalHead, TaskHead
 
 USER_ID = "user_id"
 """Key of the user's vocabulary index in `Batch.user`."""
@@ -69,6 +70,11 @@ class RecModel(nn.Module):
     the repeated user rows with `target_items` set to the candidates; u encoded without targets
     uses the learned query (the vector user tasks see), a target-independent approximation that
     suits a cheap first pass over the whole catalogue before exact re-scoring of the top items.
+
+    Retrieval: a model with a retrieval task has dedicated vectors, `retrieval_users` and
+    `retrieval_items` (unit length, `retrieval_dim` wide; their inner product is the retrieval
+    score). Its forward pass on interactions returns the task's in-batch logits [B, B] only in
+    training mode: they exist to train the vectors, and [B, B] is no answer for a prediction batch.
     """
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
@@ -121,6 +127,19 @@ class RecModel(nn.Module):
         """Task -> gate weights [B, E] of the last interaction forward; empty without gates."""
         return {}
 
+    @property
+    def retrieval_dim(self) -> int:
+        """Width of the retrieval vectors (0 when the model has no retrieval task)."""
+        return 0
+
+    def retrieval_users(self, user: Mapping[str, Tensor]) -> Tensor:
+        """User fields -> unit retrieval vectors [B, retrieval_dim] (independent of any candidate)."""
+        raise ValueError("this model has no retrieval task, so no retrieval vectors")
+
+    def retrieval_items(self, item: Mapping[str, Tensor]) -> Tensor:
+        """Item fields -> unit retrieval vectors [B, retrieval_dim]."""
+        raise ValueError("this model has no retrieval task, so no retrieval vectors")
+
     def embedding_parameters(self) -> list[nn.Parameter]:
         """Every embedding table (they train with their own learning rate)."""
         return _unique(cast(nn.Parameter, m.weight) for m in self.modules() if isinstance(m, FeatureEmbedding))
@@ -164,16 +183,19 @@ class MultiTaskModel(RecModel):
         interaction = spec.tasks_of("interaction")
         user_fields, item_fields = spec.group("user"), spec.group("item")
         context_fields = spec.group("context")
-        self._check_fields(spec.tasks_of("user"), user_fields, "user")
+        retrieval = spec.tasks_of("retrieval")
+        if len(retrieval) > 1:
+            raise ConfigError(f"tasks {[t.name for t in retrieval]} are all retrieval tasks; a model has at most one")
+        self._check_fields(spec.tasks_of("user") + retrieval, user_fields, "user")
         item_tasks = spec.tasks_of("item") + spec.tasks_of("item_pair")
-        self._check_fields(item_tasks, item_fields, "item")
+        self._check_fields(item_tasks + retrieval, item_fields, "item")
         item_id = [f for f in item_fields if f.name == ITEM_ID and f.kind == "categorical"]
         target_vocab = item_id[0].vocab if item_id else None
 
         # Build only what some task reads: no encoder sits idle, and each model of the isolated
         # baseline carries only the tables its own task needs.
-        use_user = bool(user_fields) and bool(interaction or spec.tasks_of("user"))
-        use_item = bool(item_fields) and bool(interaction or item_tasks)
+        use_user = bool(user_fields) and bool(interaction or spec.tasks_of("user") or retrieval)
+        use_item = bool(item_fields) and bool(interaction or item_tasks or retrieval)
         use_context = bool(context_fields) and bool(interaction)
         used = (user_fields if use_user else ()) + (item_fields if use_item else ()) + \
             (context_fields if use_context else ())
@@ -236,6 +258,10 @@ class MultiTaskModel(RecModel):
                                          for t in spec.tasks_of("item")})
         self.pair_heads = nn.ModuleDict({t.name: PairHead(Dv, config.head_hidden, t, config.dropout)
                                          for t in spec.tasks_of("item_pair")})
+        # Dedicated retrieval vectors: the encoders' outputs serve every task (and carry the wide
+        # logits at the end of encode_users / encode_items), so retrieval gets its own projections.
+        self.retrieval_task = retrieval[0].name if retrieval else None
+        self.retrieval = RetrievalHead(D, D, config.head_hidden, retrieval[0], config.dropout) if retrieval else None
 
     @staticmethod
     def _check_fields(tasks: tuple[TaskSpec, ...], fields: tuple[FieldSpec, ...], group: str) -> None:
@@ -283,19 +309,28 @@ class MultiTaskModel(RecModel):
     def gate_weights(self) -> dict[str, Tensor]:
         return self.backbone.gate_weights if self.backbone is not None else {}
 
+    @property
+    def retrieval_dim(self) -> int:
+        return int(self.spec.task(self.retrieval_task).num_outputs) if self.retrieval_task is not None else 0
+
+    def _retrieval_head(self) -> RetrievalHead:
+        if self.retrieval is None:
+            raise ValueError("this model has no retrieval task, so no retrieval vectors")
+        return self.retrieval
+
+    def retrieval_users(self, user: Mapping[str, Tensor]) -> Tensor:
+        return self._retrieval_head().users(self._encode_users(user))  # [B, d_r]
+
+    def retrieval_items(self, item: Mapping[str, Tensor]) -> Tensor:
+        return self._retrieval_head().items(self._encode_items(item))  # [B, d_r]
+
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """Logits of the tasks whose labels `batch.source` carries: task -> [B] or [B, C]."""
         _check_source(batch.source)
         if batch.source == "interactions":
-            if self.backbone is None:
-                return {}
-            target = batch.item.get(ITEM_ID)  # [B] candidate items, for target attention
-            none = torch.zeros(len(batch), 0, device=self.embedding.weight.device)  # a group without fields
-            u = self.encode_users(batch.user, target) if self.user_encoder is not None else none  # [B, D]
-            v = self.encode_items(batch.item) if self.item_encoder is not None else none  # [B, D]
-            return self.score_interactions(u, v, batch.context, target)
+            return self._interactions(batch)
         if batch.source == "users":
             if not self.user_heads:
                 return {}
@@ -310,6 +345,37 @@ class MultiTaskModel(RecModel):
             return {}
         va, vb = self._encode_items(batch.item), self._encode_items(batch.item_b)  # [B, D] each
         return {name: head(va, vb) for name, head in self.pair_heads.items()}
+
+    def _interactions(self, batch: Batch) -> dict[str, Tensor]:
+        """Interaction tasks' logits, and the retrieval task's in-batch logits when training."""
+        out: dict[str, Tensor] = {}
+        target = batch.item.get(ITEM_ID)  # [B] candidate items, for target attention
+        u_deep = v_deep = None
+        if self.backbone is not None:
+            none = torch.zeros(len(batch), 0, device=self.embedding.weight.device)  # a group without fields
+            if self.user_encoder is not None:
+                u_deep = self._encode_users(batch.user, target)  # [B, D]
+            if self.item_encoder is not None:
+                v_deep = self._encode_items(batch.item)  # [B, D]
+            u = self._with_wide(u_deep, batch.user, self.user_fields) if u_deep is not None else none
+            v = self._with_wide(v_deep, batch.item, self.item_fields) if v_deep is not None else none
+            out = self.score_interactions(u, v, batch.context, target)
+        if self.retrieval is not None and self.retrieval_task is not None and self.training:
+            # The retrieval query must not depend on the candidate: with target attention, the user
+            # is encoded again without a target (the learned query), as serving will encode it.
+            assert self.user_encoder is not None
+            if u_deep is None or self.user_encoder.target_aware:
+                u_deep = self._encode_users(batch.user)  # [B, D]
+            if v_deep is None:
+                v_deep = self._encode_items(batch.item)  # [B, D]
+            out[self.retrieval_task] = self.retrieval(u_deep, v_deep)  # [B, B]
+        return out
+
+    def _with_wide(self, x: Tensor, features: Mapping[str, Tensor], fields: tuple[FieldSpec, ...]) -> Tensor:
+        """An encoder's output [B, D] followed by the group's wide logits [B, W] (when wide)."""
+        if self.wide is None:
+            return x
+        return torch.cat([x, self._wide_logits(features, fields, x.shape[0])], dim=-1)  # [B, D + W]
 
     def _encode_users(self, user: Mapping[str, Tensor], target_items: Tensor | None = None,
                       detach: Collection[str] = ()) -> Tensor:
@@ -336,19 +402,13 @@ class MultiTaskModel(RecModel):
         """u [B, user_dim]: the encoder's output, then the user's wide logits (when wide)."""
         if self.user_encoder is None:
             return torch.zeros(_rows(user, target_items), 0, device=self.embedding.weight.device)
-        u = self._encode_users(user, target_items)  # [B, D]
-        if self.wide is None:
-            return u
-        return torch.cat([u, self._wide_logits(user, self.user_fields, u.shape[0])], dim=-1)  # [B, D + W]
+        return self._with_wide(self._encode_users(user, target_items), user, self.user_fields)  # [B, D (+ W)]
 
     def encode_items(self, item: Mapping[str, Tensor]) -> Tensor:
         """v [B, item_dim]: the encoder's output, then the item's wide logits (when wide)."""
         if self.item_encoder is None:
             return torch.zeros(_rows(item, None), 0, device=self.embedding.weight.device)
-        v = self._encode_items(item)  # [B, D]
-        if self.wide is None:
-            return v
-        return torch.cat([v, self._wide_logits(item, self.item_fields, v.shape[0])], dim=-1)  # [B, D + W]
+        return self._with_wide(self._encode_items(item), item, self.item_fields)  # [B, D (+ W)]
 
     def score_interactions(self, u: Tensor, v: Tensor, context: Mapping[str, Tensor] | None = None,
                            target_items: Tensor | None = None) -> dict[str, Tensor]:
@@ -398,7 +458,9 @@ class TaskIsolatedModel(RecModel):
     shared, so `shared_parameters()` is empty; conditional tasks train on their masked rows
     (`entire_space` is False) since no parent's logits live in their model. The user and item
     vectors of `encode_users` / `encode_items` concatenate those of the interaction tasks'
-    models, in task order; `score_interactions` splits them again.
+    models, in task order; `score_interactions` splits them again. A retrieval task is one more
+    isolated two-tower model: its own embeddings and encoders, read by `retrieval_users` /
+    `retrieval_items`.
     """
 
     def __init__(self, spec: InputSpec, config: ModelConfig, sparse: bool = False) -> None:
@@ -432,6 +494,23 @@ class TaskIsolatedModel(RecModel):
     @property
     def entire_space(self) -> bool:
         return False
+
+    def _retrieval_model(self) -> MultiTaskModel | None:
+        names = [t.name for t in self.spec.tasks_of("retrieval")]
+        return self._model(names[0]) if names else None
+
+    @property
+    def retrieval_dim(self) -> int:
+        model = self._retrieval_model()
+        return model.retrieval_dim if model is not None else 0
+
+    def retrieval_users(self, user: Mapping[str, Tensor]) -> Tensor:
+        model = self._retrieval_model()
+        return model.retrieval_users(user) if model is not None else super().retrieval_users(user)
+
+    def retrieval_items(self, item: Mapping[str, Tensor]) -> Tensor:
+        model = self._retrieval_model()
+        return model.retrieval_items(item) if model is not None else super().retrieval_items(item)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """Logits of the tasks whose labels `batch.source` carries, each from its own model."""

@@ -71,6 +71,10 @@ class RecommendRequest(_Request):
                                                       description="Keep only items of these categories.")
     exclude_categories: list[Category] | None = Field(None, max_length=1000,
                                                       description="Drop items of these categories.")
+    features: dict[Annotated[str, Field(max_length=256)], ContextValue] | None = Field(
+        None, max_length=256, description="User features by name (the run's user-table features, e.g. age_band) "
+        "of a user the model does not know: it is then ranked by the model from these features alone "
+        "(`strategy: features`). Ignored for a known user; missing ones count as unknown.")
 
 
 class Pair(_Request):
@@ -127,18 +131,22 @@ class TaskOutput(_Response):
 
 class RecommendedItem(_Response):
     item_id: StrictStr | StrictInt
-    score: float = Field(description="The fused score (model), or the item's popularity (cold start).")
+    score: float = Field(description="The fused score (model, features), or the item's popularity (popularity).")
     probabilities: dict[str, float] | None = Field(
         None, description="P(event | impression) of every binary interaction task (conditional tasks chained); "
-        "null on a cold-start answer.")
+        "null on a popularity answer.")
 
 
 class RecommendResponse(_Response):
     user_id: StrictStr | StrictInt
-    cold_start: bool = Field(description="True when the user is unknown: the items are the most popular ones.")
-    strategy: Literal["model", "popularity"]
+    cold_start: bool = Field(description="True when the model does not know the user (see `strategy`).")
+    strategy: Literal["model", "features", "popularity"] = Field(
+        description="model: a known user, ranked by the model; features: an unknown user ranked by the model from "
+        "the request's `features`; popularity: an unknown user without features, given the most popular items.")
     fusion_rule: str
     candidates_ranked: int = Field(description="How many items the multi-task heads scored.")
+    two_stage: bool = Field(description="True when retrieval chose the items the heads ranked (else every item "
+                            "that passed the filters was ranked).")
     items: list[RecommendedItem]
 
 

@@ -1,10 +1,12 @@
 """The answers behind the HTTP API: a `Predictor` turned into typed responses.
 
-Recommending is two-stage when the catalogue is large: the items that pass the filters
-(candidates, categories, seen items) are narrowed to the `retrieval_candidates` best by u.v
-(exact top-N by chunked matrix product, `retrieval.top_n_inner_product`), which the multi-task
-heads then rank with the run's fusion rule. With `retrieval_candidates=0`, or when no more items
-than that pass the filters, every allowed item is ranked exactly.
+Recommending is two-stage when the run has a retrieval task: the items that pass the filters
+(candidates, categories, seen items) are narrowed to the N of largest retrieval score u_r . v_r
+(exact top-N by chunked matrix product, `mtlrec.retrieval.top_n_inner_product`), which the
+multi-task heads then rank with the run's fusion rule. N is the run's `recommend.candidates`,
+or `ServeSettings.retrieval_candidates` when set. With N = 0, without a retrieval task, or when
+no more than N items pass the filters, every allowed item is ranked exactly. Related items draw
+their candidates from the item retrieval vectors the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -25,11 +27,11 @@ from torch import Tensor
 import mtlrec
 from mtlrec.data.batch import Batch
 from mtlrec.data.spec import OOV, PAD, TaskSpec
-from mtlrec.errors import ConfigError
+from mtlrec.errors import ConfigError, DataError
 from mtlrec.outputs import to_probabilities
 from mtlrec.predict import Predictor
+from mtlrec.recommend import Ranking
 from mtlrec.serve import schemas as s
-from mtlrec.serve.retrieval import top_n_inner_product
 from mtlrec.serve.settings import ServeSettings
 
 logger = logging.getLogger("mtlrec.serve")
@@ -107,11 +109,7 @@ class ServingService:
         self.category_feature = self._resolve_category_feature()
         # More requests computing at once than cores only adds GIL and cache contention.
         self._slots = threading.BoundedSemaphore(settings.inference_slots or os.cpu_count() or 1)
-        self.retrieval = settings.retrieval_candidates
-        if self.retrieval and self.model.user_dim != self.model.item_dim:
-            logger.warning("retrieval is off: user vectors (%d) and item vectors (%d) differ in width",
-                           self.model.user_dim, self.model.item_dim)
-            self.retrieval = 0
+        self.retrieval = self._resolve_retrieval()
         if len(self.item_ids):  # lazy caches built once, before concurrent requests
             self.recommender.item_vectors()
             predictor.schema.item_rows(self.item_ids[:1])
@@ -120,6 +118,17 @@ class ServingService:
         self.info = self._model_info(run_name, weights_sha256)
 
     # -- set-up --------------------------------------------------------------------------------
+    def _resolve_retrieval(self) -> int:
+        """Items retrieval hands to the heads: the setting when given, else the run's (0: rank all)."""
+        n = self.settings.retrieval_candidates
+        if n is None:
+            return self.recommender.candidates
+        if n and self.recommender.retrieval_vectors is None:
+            raise ConfigError(f"MTLREC_RETRIEVAL_CANDIDATES is {n}, but this run has no retrieval task, so nothing "
+                              "retrieves candidates; train with a task of kind 'retrieval', or unset it to rank "
+                              "every item")
+        return n
+
     def _resolve_category_feature(self) -> str | None:
         categorical = [f.name for f in self.spec.group("item") if f.kind == "categorical" and f.name != "item_id"]
         name = self.settings.category_feature
@@ -212,34 +221,38 @@ class ServingService:
         allowed = self._allowed(req)
         user_row = int(self._user_rows([req.user_id])[0])
         rule = self.config.recommend.fusion_rule
-        if user_row < 0:
-            rows, counts = self.recommender.popular(k, None if allowed is None else np.flatnonzero(allowed))
-            items = [s.RecommendedItem(item_id=_py(self.item_ids[r]), score=float(c)) for r, c in zip(rows, counts,
-                                                                                                        strict=True)]
-            return s.RecommendResponse(user_id=req.user_id, cold_start=True, strategy="popularity", fusion_rule=rule,
-                                       candidates_ranked=0, items=items)
-        exclude = self.config.recommend.exclude_seen if req.exclude_seen is None else req.exclude_seen
-        if exclude:
-            allowed = np.ones(len(self.item_ids), dtype=bool) if allowed is None else allowed
-            allowed[self.state.seen(user_row)] = False
-        n_allowed = len(self.item_ids) if allowed is None else int(allowed.sum())
-        candidates = None if allowed is None else np.flatnonzero(allowed)
-        if self.retrieval and n_allowed > self.retrieval:
-            user = {name: v[user_row:user_row + 1] for name, v in self.state.users.items()}
-            u = self.model.encode_users(user)  # [1, D]
-            mask = None if allowed is None else torch.from_numpy(allowed)
-            best, _ = top_n_inner_product(u, self.recommender.item_vectors(), self.retrieval, mask)
-            candidates = best[0].numpy()
-        ranked = n_allowed if candidates is None else len(candidates)
-        if ranked == 0:
-            return s.RecommendResponse(user_id=req.user_id, cold_start=False, strategy="model", fusion_rule=rule,
-                                       candidates_ranked=0, items=[])
-        rows, scores, probs = self.recommender.top_k(user_row, k, exclude_seen=False, candidates=candidates)
-        items = [s.RecommendedItem(item_id=_py(self.item_ids[r]), score=float(scores[j]),
-                                   probabilities={t: float(p[j]) for t, p in probs.items()})
-                 for j, r in enumerate(rows)]
-        return s.RecommendResponse(user_id=req.user_id, cold_start=False, strategy="model", fusion_rule=rule,
-                                   candidates_ranked=ranked, items=items)
+        if user_row >= 0:
+            exclude = self.config.recommend.exclude_seen if req.exclude_seen is None else req.exclude_seen
+            if exclude:
+                allowed = np.ones(len(self.item_ids), dtype=bool) if allowed is None else allowed
+                allowed[self.state.seen(user_row)] = False
+            ranking = self.recommender.rank(self.recommender.user_fields(torch.tensor([user_row])), k, allowed,
+                                            self.retrieval)
+            return self._ranked(req, ranking, "model")
+        if req.features:
+            ranking = self.recommender.rank(self._new_user(req.features), k, allowed, self.retrieval)
+            return self._ranked(req, ranking, "features")
+        rows, counts = self.recommender.popular(k, None if allowed is None else np.flatnonzero(allowed))
+        items = [s.RecommendedItem(item_id=_py(self.item_ids[r]), score=float(c)) for r, c in zip(rows, counts,
+                                                                                                    strict=True)]
+        return s.RecommendResponse(user_id=req.user_id, cold_start=True, strategy="popularity", fusion_rule=rule,
+                                   candidates_ranked=0, two_stage=False, items=items)
+
+    def _ranked(self, req: s.RecommendRequest, ranking: Ranking,
+                strategy: Literal["model", "features"]) -> s.RecommendResponse:
+        items = [s.RecommendedItem(item_id=_py(self.item_ids[r]), score=float(ranking.scores[j]),
+                                   probabilities={t: float(p[j]) for t, p in ranking.probabilities.items()})
+                 for j, r in enumerate(ranking.rows)]
+        return s.RecommendResponse(user_id=req.user_id, cold_start=strategy != "model", strategy=strategy,
+                                   fusion_rule=self.config.recommend.fusion_rule, candidates_ranked=ranking.ranked,
+                                   two_stage=ranking.two_stage, items=items)
+
+    def _new_user(self, features: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The fields of an unknown user from the request's raw feature values (cold start)."""
+        try:
+            return self.predictor.schema.new_user_fields(features)
+        except DataError as exc:
+            raise ServeError(422, str(exc), "body.features") from None
 
     def _allowed(self, req: s.RecommendRequest) -> np.ndarray | None:
         """bool [I] of the items the request's filters let through, or None without filters."""
@@ -325,7 +338,7 @@ class ServingService:
             raise ServeError(422, f"no item-pair task has the relation '{req.relation}'; relations are {relations}",
                              "body.relation")
         row = int(self._known_items([req.item_id], "item_id")[0])
-        rows, probs = self.recommender.related(row, chosen[0], req.relation, k)
+        rows, probs = self.recommender.related(row, chosen[0], req.relation, k, self.retrieval)
         return s.RelatedResponse(item_id=req.item_id, relation=req.relation, task=chosen[0].name,
                                  items=[s.RelatedItem(item_id=_py(self.item_ids[r]), probability=float(p))
                                         for r, p in zip(rows, probs, strict=True)])

@@ -87,10 +87,10 @@ class ServeSettings(BaseModel):
     max_k: int = Field(K_LIMIT, ge=1, le=K_LIMIT, description="Largest k of recommend and related.")
     max_batch: int = Field(1000, ge=1, le=BATCH_LIMIT, description="Most pairs or ids in one request.")
     max_candidates: int = Field(10000, ge=1, le=CANDIDATES_LIMIT, description="Longest candidate list.")
-    retrieval_candidates: int = Field(
-        0, ge=0, description="Two-stage recommend: when more items than this pass the filters, the N best by u.v "
-        "(exact, chunked) are ranked by the multi-task heads; 0 ranks every item. Only for runs whose user and item "
-        "vectors were trained for retrieval: otherwise u.v does not follow the heads' ranking.")
+    retrieval_candidates: int | None = Field(
+        None, ge=0, description="Two-stage recommend and related items: how many items retrieval hands to the "
+        "multi-task heads when more pass the filters. Unset: the run's recommend.candidates if it has a retrieval "
+        "task, else every item is ranked; 0 ranks every allowed item; a positive value needs a retrieval task.")
     inference_slots: int | None = Field(None, ge=1, description="Requests computing at once in a worker (default: "
                                         "the CPU count); the others wait their turn.")
     category_feature: str | None = Field(None, description="Categorical item feature that include/exclude_categories "

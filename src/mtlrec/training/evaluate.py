@@ -12,7 +12,11 @@ from torch import nn
 from mtlrec.data.dataset import EncodedData
 from mtlrec.data.spec import SOURCE_OF_KIND, InputSpec, TaskSpec
 from mtlrec.metrics import PRIMARY_METRIC, higher_is_better, task_metrics
+from mtlrec.models.model import RecModel
 from mtlrec.outputs import to_probabilities
+
+RETRIEVAL_KS = (10, 100)
+"""Cut-offs of the retrieval task's recall@K (`PRIMARY_METRIC['retrieval']` is one of them)."""
 
 
 @dataclass
@@ -77,10 +81,64 @@ def metrics_of(predictions: Mapping[str, TaskPredictions]) -> dict[str, dict[str
     return out
 
 
-def evaluate(model: nn.Module, data: EncodedData, spec: InputSpec, rows: Mapping[str, np.ndarray],
+def evaluate(model: RecModel, data: EncodedData, spec: InputSpec, rows: Mapping[str, np.ndarray],
              batch_size: int, device: torch.device) -> dict[str, dict[str, float]]:
     """Metrics of every task on the given rows of each source."""
-    return metrics_of(predict_split(model, data, spec, rows, batch_size, device))
+    metrics = metrics_of(predict_split(model, data, spec, rows, batch_size, device))
+    metrics.update(retrieval_metrics(model, data, spec, rows.get("interactions"), batch_size, device))
+    return metrics
+
+
+@torch.no_grad()
+def retrieval_metrics(model: RecModel, data: EncodedData, spec: InputSpec, rows: np.ndarray | None,
+                      batch_size: int, device: torch.device, max_rows: int = 2000) -> dict[str, dict[str, float]]:
+    """Recall@K (K in `RETRIEVAL_KS`) and MRR of the retrieval task over the whole catalogue.
+
+    For each positive interaction among `rows` (the first `max_rows`), its item is ranked among
+    every item entity by the retrieval score u_r . v_r of its user; an item scoring the same as
+    the positive counts as ahead of it. The user's training items stay in the catalogue, so on
+    held-out rows this is a lower bound of the recall that excluding seen items gives.
+
+    Returns:
+        {task name: {'recall@10', 'recall@100', 'mrr'}}, or {} without a retrieval task or
+        positive rows.
+    """
+    tasks = spec.tasks_of("retrieval")
+    if not tasks or rows is None or len(rows) == 0 or data.items is None:
+        return {}
+    task = tasks[0]
+    positive = data.sources["interactions"].masks[task.name].numpy()
+    chosen = np.asarray(rows, dtype=np.int64)
+    chosen = chosen[positive[chosen]][:max_rows]
+    if chosen.size == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    items = []
+    for start in range(0, data.items.num_rows, batch_size):
+        keys = np.arange(start, min(start + batch_size, data.items.num_rows))
+        group = {k: v.to(device) for k, v in data.entity_group("item", keys).items()}
+        items.append(model.retrieval_items(group))
+    catalogue = torch.cat(items)  # [I, d_r]
+    ranks = []
+    for batch in data.iter_batches("interactions", chosen, min(batch_size, 256)):
+        batch = batch.to(device)
+        users = model.retrieval_users(batch.user)  # [Q, d_r]
+        own = batch.item["item_key"]  # [Q]
+        target = (users * catalogue.index_select(0, own)).sum(dim=1, keepdim=True)  # [Q, 1]
+        ahead = torch.zeros(len(users), dtype=torch.int64, device=device)
+        for start in range(0, len(catalogue), 16384):
+            scores = users @ catalogue[start:start + 16384].T  # [Q, C]
+            inside = (own >= start) & (own < start + scores.shape[1])
+            # The positive is not ahead of itself (whatever the rounding of the two products).
+            scores[inside, (own - start)[inside]] = -torch.inf
+            ahead += (scores >= target).sum(dim=1)
+        ranks.append(ahead.cpu())
+    model.train(was_training)
+    rank = torch.cat(ranks).numpy()
+    out = {f"recall@{k}": float(np.mean(rank < k)) for k in RETRIEVAL_KS}
+    out["mrr"] = float(np.mean(1.0 / (rank + 1.0)))
+    return {task.name: out}
 
 
 def selection_score(metrics: Mapping[str, Mapping[str, float]], spec: InputSpec, metric: str) -> float:

@@ -51,6 +51,35 @@ def _per_row_loss(task: TaskSpec, logits: Tensor, labels: Tensor, mask: Tensor) 
                      "multilabel or regression")
 
 
+def _retrieval_loss(task: TaskSpec, logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Per-row in-batch sampled softmax with log-Q correction. Yi et al., RecSys 2019.
+
+    `logits` [B, B] holds s(u_i, v_j) / temperature; the task's labels hold log q_j, the log
+    probability that a positive row drawn at random is of row j's item, and its mask marks the
+    positive rows. Row i's target is column i among the corrected logits s_ij / T - log q_j. The
+    negatives of row i are the items of the batch's other positive rows: a column outside the mask
+    (an item nobody chose) is no sampled negative, and a column holding row i's own item (the same
+    item twice in the batch, by `item_key`, else `item_id`) is no negative of row i either.
+
+    Returns:
+        (per-row loss [B], mask [B] of the positive rows)
+    """
+    rows = logits.shape[0]
+    if logits.dim() != 2 or logits.shape[1] != rows:
+        raise ValueError(f"retrieval task '{task.name}' expects in-batch logits [B, B], got {tuple(logits.shape)}")
+    positive = _row_mask(batch, task.name, rows, logits.device)
+    log_q = torch.where(positive, batch.labels[task.name].reshape(rows).to(logits.dtype), 0.0)  # [B]
+    keep = positive[None, :].expand(rows, rows)  # [B, B] columns that are sampled items
+    items = batch.item.get("item_key", batch.item.get("item_id"))
+    if items is not None:
+        same = items.reshape(rows, 1) == items.reshape(1, rows)  # [B, B]
+        keep = keep & ~(same & ~torch.eye(rows, dtype=torch.bool, device=logits.device))
+    # A finite fill (not -inf) keeps rows without any kept column (non-positive rows) finite.
+    corrected = (logits - log_q[None, :]).masked_fill(~keep, torch.finfo(logits.dtype).min)  # [B, B]
+    loss = torch.logsumexp(corrected, dim=1) - corrected.diagonal()  # [B]
+    return loss, positive
+
+
 def _chain(task: TaskSpec, by_name: Mapping[str, TaskSpec], outputs: Mapping[str, Tensor],
            batch: Batch) -> list[TaskSpec]:
     """The task and its ancestors, child first, as far up as logits and labels are available."""
@@ -100,7 +129,8 @@ def task_losses(outputs: Mapping[str, Tensor], batch: Batch, tasks: Sequence[Tas
     """Masked mean loss of every task that has logits and at least one labelled row in the batch.
 
     Losses follow the type: BCE-with-logits (binary), cross-entropy (multiclass, int64 labels),
-    BCE-with-logits averaged over the L outputs (multilabel), squared error (regression).
+    BCE-with-logits averaged over the L outputs (multilabel), squared error (regression), in-batch
+    sampled softmax with log-Q correction (retrieval; see `_retrieval_loss`).
 
     A binary task with a `parent` is learnt over the entire space when `entire_space` is True and
     its parent's logits and labels are present: the loss is BCE of p(parent and child) =
@@ -110,7 +140,7 @@ def task_losses(outputs: Mapping[str, Tensor], batch: Batch, tasks: Sequence[Tas
 
     Args:
         outputs: logits per task: [B] or [B, 1] (binary, regression), [B, C] (multiclass),
-            [B, L] (multilabel).
+            [B, L] (multilabel), [B, B] in-batch logits (retrieval).
         batch: labels and masks of the source the outputs were computed on.
         tasks: specs of the tasks (tasks absent from `outputs` or `batch.labels` are ignored).
         entire_space: learn conditional tasks over the entire space (ESMM).
@@ -127,7 +157,9 @@ def task_losses(outputs: Mapping[str, Tensor], batch: Batch, tasks: Sequence[Tas
         logits = outputs[task.name]
         rows = int(logits.shape[0])
         chain = _chain(task, by_name, outputs, batch) if entire_space and task.type == "binary" else [task]
-        if len(chain) > 1:
+        if task.type == "retrieval":
+            per_row[task.name] = _retrieval_loss(task, logits, batch)
+        elif len(chain) > 1:
             per_row[task.name] = _entire_space_loss(chain, outputs, batch, rows)
         else:
             mask = _row_mask(batch, task.name, rows, logits.device)

@@ -33,7 +33,14 @@ from mtlrec.models.model import RecModel, build_model
 from mtlrec.serve.integrity import write_manifest
 from mtlrec.training import checkpoint as ckpt
 from mtlrec.training.diagnostics import Diagnostics
-from mtlrec.training.evaluate import evaluate, metrics_of, predict_split, selection_score, sources_with_tasks
+from mtlrec.training.evaluate import (
+    evaluate,
+    metrics_of,
+    predict_split,
+    retrieval_metrics,
+    selection_score,
+    sources_with_tasks,
+)
 from mtlrec.training.logging import RunLogger
 from mtlrec.training.losses import task_losses
 from mtlrec.training.weighting import WEIGHTINGS, Weighting
@@ -347,6 +354,8 @@ class Trainer:
         predictions = predict_split(self.model, self.data, self.spec, self._rows("test"),
                                     cfg.train.eval_batch_size, self.device)
         test = metrics_of(predictions)
+        test.update(retrieval_metrics(self.model, self.data, self.spec, self._rows("test").get("interactions"),
+                                      cfg.train.eval_batch_size, self.device))
         self.diagnostics.on_fit_end(predictions)
         valid = self.progress.history[self.progress.best_epoch - 1]["valid"] if self.progress.history else {}
         from mtlrec.recommend import ranking_report, save_serving_state

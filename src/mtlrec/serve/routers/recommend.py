@@ -16,5 +16,7 @@ router = APIRouter(prefix="/v1", tags=["recommend"], dependencies=[Depends(requi
 @router.post("/recommend", response_model_exclude_none=True,
              summary="Top-K items for a user, each with every task's probability and the fused score")
 def recommend(body: s.RecommendRequest, service: Service) -> s.RecommendResponse:
-    """An unknown user gets the most popular items (`cold_start: true`, `strategy: popularity`)."""
+    """Two-stage (retrieval, then the heads) when the run has a retrieval task. An unknown user is ranked
+    from the request's `features` (`cold_start: true`, `strategy: features`), or else gets the most popular
+    items (`strategy: popularity`)."""
     return service.recommend(body)
