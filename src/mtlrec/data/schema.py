@@ -148,15 +148,20 @@ class Schema:
             users = tables.users
             columns = ([users[data.user_id]] if users is not None else []) + [inter[data.user_id]]
             self.users_ = IdIndex.build(columns)
+            # An id gets its own embedding row only when training reaches it: rows of the users
+            # (items) table train their id only with model.entity_id_gradients; otherwise an id
+            # seen only there would keep its random initial row, noise that every score of that
+            # user (item) carries. It shares the OOV row instead and is known by its features.
+            entity_ids = cfg.model.entity_id_gradients
             parts: list[ArrayLike] = [inter[data.user_id].iloc[train]]
-            if users is not None:
+            if users is not None and entity_ids:
                 parts.append(users[data.user_id].iloc[split.rows("users", "train")])
             self.user_vocab_ = CategoricalEncoder(data.id_min_count).fit_many(parts)
         if data.item_id is not None:
             self.items_ = IdIndex.build(self._item_columns(tables))
             parts = [inter[data.item_id].iloc[train]]
             items = tables.items
-            if items is not None:
+            if items is not None and cfg.model.entity_id_gradients:
                 parts.append(items[data.item_id].iloc[split.rows("items", "train")])
             pairs = tables.item_pairs
             if pairs is not None:

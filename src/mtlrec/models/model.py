@@ -261,7 +261,7 @@ class MultiTaskModel(RecModel):
         # Dedicated retrieval vectors: the encoders' outputs serve every task (and carry the wide
         # logits at the end of encode_users / encode_items), so retrieval gets its own projections.
         self.retrieval_task = retrieval[0].name if retrieval else None
-        self.retrieval = RetrievalHead(D, D, config.head_hidden, retrieval[0], config.dropout) if retrieval else None
+        self.retrieval = RetrievalHead(Du, Dv, config.head_hidden, retrieval[0], config.dropout) if retrieval else None
 
     @staticmethod
     def _check_fields(tasks: tuple[TaskSpec, ...], fields: tuple[FieldSpec, ...], group: str) -> None:
