@@ -23,9 +23,10 @@ Every measurement runs in a fresh subprocess, so that its peak RSS is its own:
   Its embeddings start like mtlrec's (N(0, 1/16)), so that only the implementation differs.
 
 FLOPs per sample are the dense part's matmul FLOPs counted by `torch.utils.flop_counter` on one
-forward pass (2 x multiply-adds), x 3 for training. The matmul rate is measured in the same run on
-the model's own matmul shapes, recorded from one forward and backward pass of the real model and
-replayed as bare matmuls at `--threads` threads; the headline is the ratio achieved GFLOP/s /
+forward pass (2 x multiply-adds), x 3 for training. The matmul rate is measured in the same
+process on the model's own matmul shapes, recorded from one forward and backward pass of the real
+model and replayed as bare matmuls at `--threads` threads, for 2 s right before and right after the
+timed epoch (and the timed inference), averaged; the headline is the ratio achieved GFLOP/s /
 matmul GFLOP/s (`train_peak_ratio`, `infer_peak_ratio`), which carries across machines.
 
 Peers (torch-rechub, DeepCTR-Torch) run only when importable; otherwise the table says so.
@@ -190,27 +191,9 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
     sampler = trainer.samplers[source]
     args = (spec.tasks, trainer.weighting, trainer.optimizers, trainer.clip_params, cfg.train.clip_norm)
 
-    if profile_steps:
-        _profile(lambda rows: train_step(model, [trainer.data.batch(source, rows)], *args), sampler, profile_steps)
-    rss_before_training = _rss_mb()
-    _reset_peak_rss()
-    started = time.perf_counter()
-    rows_seen = 0
-    for rows in sampler.epoch(0):
-        rows_seen += len(rows)
-        train_step(model, [trainer.data.batch(source, rows)], *args)
-    train_rate = rows_seen / (time.perf_counter() - started)
-    peak_training = _high_water_mb()
-
+    # The model's matmul shapes and FLOPs, from one forward (+ backward) pass that changes nothing.
     test_rows = trainer.split.rows(source, "test")
-    started = time.perf_counter()
-    predictions = predict_split(model, trainer.data, spec, {source: test_rows}, cfg.train.eval_batch_size,
-                                trainer.device)
-    infer_rate = len(test_rows) / (time.perf_counter() - started)
-    metrics = metrics_of(predictions)
-
     batch = trainer.data.batch(source, torch.as_tensor(test_rows[: cfg.train.batch_size]))
-    model.train()
     with FlopCounterMode(display=False) as counter:
         model(batch)
     flops_forward = counter.get_total_flops() / len(batch)
@@ -227,6 +210,31 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
     model.eval()
     with torch.no_grad():
         infer_shapes = record_matmuls(lambda: model(infer_batch))
+    model.train()
+
+    if profile_steps:
+        _profile(lambda rows: train_step(model, [trainer.data.batch(source, rows)], *args), sampler, profile_steps)
+    # The matmul rate is measured right before and after the timed work and averaged, so that a
+    # machine shared with other jobs slows both sides of the ratio alike.
+    train_matmul = [matmul_rate(train_shapes)]
+    rss_before_training = _rss_mb()
+    _reset_peak_rss()
+    started = time.perf_counter()
+    rows_seen = 0
+    for rows in sampler.epoch(0):
+        rows_seen += len(rows)
+        train_step(model, [trainer.data.batch(source, rows)], *args)
+    train_rate = rows_seen / (time.perf_counter() - started)
+    peak_training = _high_water_mb()
+    train_matmul.append(matmul_rate(train_shapes))
+
+    infer_matmul = [matmul_rate(infer_shapes)]
+    started = time.perf_counter()
+    predictions = predict_split(model, trainer.data, spec, {source: test_rows}, cfg.train.eval_batch_size,
+                                trainer.device)
+    infer_rate = len(test_rows) / (time.perf_counter() - started)
+    infer_matmul.append(matmul_rate(infer_shapes))
+    metrics = metrics_of(predictions)
     optim_state = [opt.state_dict()["state"] for opt in trainer.optimizers]
     return {
         "model": model_name,
@@ -242,8 +250,8 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
         "encoded_data_mb": _tensor_mb([vars(s) for s in trainer.data.sources.values()]),
         "parameters_mb": _tensor_mb(list(model.parameters())),
         "optimizer_state_mb": _tensor_mb(optim_state),
-        "train_shapes": train_shapes,
-        "infer_shapes": infer_shapes,
+        "train_matmul_gflops_measured": train_matmul,
+        "infer_matmul_gflops_measured": infer_matmul,
     }
 
 
@@ -430,8 +438,8 @@ def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
                                "models": {}, "peers": {}}
     for name in models:
         lib = _run_worker("library", data, work, args.threads, name, args.profile)
-        train_rate = matmul_rate(lib.pop("train_shapes"))
-        infer_rate = matmul_rate(lib.pop("infer_shapes"))
+        train_rate = sum(lib["train_matmul_gflops_measured"]) / 2
+        infer_rate = sum(lib["infer_matmul_gflops_measured"]) / 2
         lib.update(summarize(lib, train_rate, infer_rate))
         if not args.no_cli:
             cli = _run_worker("cli", data, work, args.threads, name)
