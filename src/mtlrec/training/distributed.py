@@ -104,7 +104,7 @@ def average_(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
         for i in dense:
             t = out[i]
             assert t is not None
-            out[i] = flat[start:start + t.numel()].view_as(t)
+            out[i] = flat[start:start + t.numel()].view_as(t).to(t.dtype)
             start += t.numel()
     for i, t in enumerate(out):
         if t is not None and t.is_sparse:
@@ -193,18 +193,29 @@ class Replicas:
 
     def barrier(self) -> None:
         """Wait until every replica gets here."""
-        if self.active:
+        if not self.active:
+            return
+        if backend_for(self.device) == "nccl":
+            dist.barrier(device_ids=[self.device.index or 0])
+        else:
             dist.barrier()
 
-    def close(self) -> None:
-        """Leave the process group if this object created it."""
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group if this object created it.
+
+        Args:
+            wait: leave together with the other replicas (after a normal end). After an error,
+                leave at once: the others may be blocked in another collective, and the
+                launcher stops them when this process exits.
+        """
         self._ddp = None
         if self.owns_group and dist.is_initialized():
             # DDP's reducer sits in reference cycles and holds the process group: collect it now,
             # or the group outlives destroy_process_group and gloo's threads abort the process
             # while the interpreter shuts down.
             gc.collect()
-            dist.barrier()
+            if wait:
+                self.barrier()
             dist.destroy_process_group()
             self.owns_group = False
 

@@ -125,7 +125,6 @@ class Trainer:
         cfg = self.config
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
-        self.replicas = Replicas.from_env(choose_device(cfg.train.device))
         self.device = self.replicas.device
         rank, world = self.replicas.rank, self.replicas.world_size
         if cfg.train.batch_size < world:
@@ -299,11 +298,15 @@ class Trainer:
         if resume and not self._checkpoint_path().is_file():
             raise ArtifactError(f"cannot resume: '{self._checkpoint_path()}' does not exist; "
                                 "train without --resume first")
-        self._prepare(resume)
+        self.replicas = Replicas.from_env(choose_device(self.config.train.device))
         try:
-            return self._fit(resume, show_progress, started)
-        finally:
-            self.replicas.close()
+            self._prepare(resume)
+            result = self._fit(resume, show_progress, started)
+        except BaseException:
+            self.replicas.close(wait=False)
+            raise
+        self.replicas.close()
+        return result
 
     def _fit(self, resume: bool, show_progress: bool | None, started: float) -> TrainResult:
         cfg = self.config
