@@ -332,6 +332,7 @@ class Trainer:
                 self.model.train()
                 sums: dict[str, Tensor] = {}
                 counts: dict[str, int] = {}
+                epoch_started = time.perf_counter()
                 with logger.epoch_bar(epoch, cfg.train.epochs, len(main)) as bar:
                     for rows in main.epoch(epoch):
                         batches = [self._batch(self.main_source, main, rows)]
@@ -348,10 +349,11 @@ class Trainer:
                         bar.advance(losses)
                         if cfg.train.checkpoint_every and self.progress.step % cfg.train.checkpoint_every == 0:
                             self._save_checkpoint()
+                train_seconds = time.perf_counter() - epoch_started
                 train_losses = self._epoch_losses(sums, counts)
                 self.weighting.on_epoch_end(train_losses)
                 self.diagnostics.on_epoch_end(epoch + 1, self.progress.step)
-                self._end_epoch(epoch, train_losses, logger)
+                self._end_epoch(epoch, train_losses, logger, train_seconds)
                 if stop is not None and self.progress.stale_epochs >= stop.patience:
                     logger.info(f"early stopping after epoch {epoch + 1}: no improvement for "
                                 f"{stop.patience} epochs")
@@ -367,7 +369,8 @@ class Trainer:
         means = self.replicas.mean(torch.stack([sums[n].reshape(()).double() for n in sums])).tolist()
         return {n: mean / counts[n] for n, mean in zip(sums, means, strict=True)}
 
-    def _end_epoch(self, epoch: int, train_losses: dict[str, float], logger: RunLogger) -> None:
+    def _end_epoch(self, epoch: int, train_losses: dict[str, float], logger: RunLogger,
+                   train_seconds: float = math.nan) -> None:
         cfg = self.config
         has_valid = any(len(r) for r in self._rows("valid").values())
         valid = metrics_of(self._predict("valid")) if has_valid else {}
@@ -383,8 +386,9 @@ class Trainer:
             self._save_best()
         else:
             p.stale_epochs += 1
+        # train_seconds: the epoch's training steps only (a resumed epoch: since the resume).
         record = {"epoch": epoch + 1, "step": p.step, "train_loss": train_losses, "valid": valid,
-                  "score": score, "best_epoch": p.best_epoch}
+                  "score": score, "best_epoch": p.best_epoch, "train_seconds": round(train_seconds, 3)}
         p.history.append(record)
         logger.epoch(record)
         self._save_checkpoint()
