@@ -52,16 +52,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="processes (and threads) to compare with one")
     parser.add_argument("--users", type=int, default=2000, help="users of the synthetic world (60 rows each)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-threads", action="store_true", help="skip the 1 process x N threads run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.batch_size=1024")
     args = parser.parse_args(argv)
 
+    load = os.getloadavg()     # other work on the same cores bounds every figure: say how much there was
     with tempfile.TemporaryDirectory(prefix="mtlrec-dist-") as tmp:
         folder = Path(tmp)
         config = make_world(seed=args.seed, n_users=args.users).write(folder / "world")
-        runs = [train_once(config, folder / "p1t1", 1, 1, args.overrides),
-                train_once(config, folder / f"p1t{args.nproc}", 1, args.nproc, args.overrides),
-                train_once(config, folder / f"p{args.nproc}t1", args.nproc, 1, args.overrides)]
+        runs = [train_once(config, folder / "p1t1", 1, 1, args.overrides)]
+        if not args.no_threads:
+            runs.append(train_once(config, folder / f"p1t{args.nproc}", 1, args.nproc, args.overrides))
+        runs.append(train_once(config, folder / f"p{args.nproc}t1", args.nproc, 1, args.overrides))
     base = runs[0]["samples_per_s"]
     for run in runs:
         workers = run["processes"] * run["threads"]
@@ -72,9 +75,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for run in runs:
         print(f"{run['processes']:>9} {run['threads']:>7} {run['rows']:>10,} {run['train_seconds']:>8.2f} "
               f"{run['samples_per_s']:>10,.0f} {run['speedup']:>8.2f} {run['efficiency']:>10.0%}")
-    print(f"cpu cores visible: {os.cpu_count()}")
+    after = os.getloadavg()
+    print(f"cpu cores visible: {os.cpu_count()}; 1-minute load average before / after: "
+          f"{load[0]:.2f} / {after[0]:.2f}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"cores": os.cpu_count(), "runs": runs}, indent=2), encoding="utf-8")
+        args.json.write_text(json.dumps({"cores": os.cpu_count(), "load_before": load, "load_after": after,
+                                         "runs": runs}, indent=2), encoding="utf-8")
     return 0
 
 
