@@ -4,7 +4,7 @@ torchrun (`python -m torch.distributed.run`) starts one process per replica and 
 place in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). `Replicas.from_env`
 reads them and joins the process group: gloo when the replicas train on CPU, nccl on CUDA (one GPU
 per process, `cuda:LOCAL_RANK`). Without those variables (or with WORLD_SIZE=1) it is a single
-process and every collective below is the identity, so the trainer runs one code path.
+process and every collective below is the identity.
 
 What the trainer gets from it:
 
@@ -245,7 +245,7 @@ class Replicas:
 
     def loss_denominators(self, counts: Tensor) -> Tensor:
         """Labelled-row counts of this replica [T] -> their mean over the replicas [T]."""
-        return replica_mean(counts)
+        return self.mean(counts)
 
     def average_gradients(self, params: Iterable[nn.Parameter]) -> None:
         """Replace `.grad` of each parameter (outside DDP) by its mean over the replicas."""
@@ -256,8 +256,10 @@ class Replicas:
             p.grad = g
 
     def mean(self, tensor: Tensor) -> Tensor:
-        """The mean of a dense tensor over the replicas."""
-        return replica_mean(tensor)
+        """The mean of a dense tensor over the replicas (on the tensor's device)."""
+        if not self.active:
+            return tensor
+        return replica_mean(self._comm(tensor)).to(tensor.device)
 
     # -- gathering ------------------------------------------------------------------------------
 
