@@ -43,13 +43,32 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=3")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.safetensors.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    nproc: Annotated[int | None, typer.Option(
+        min=1, help="Train with N data-parallel processes on this machine (launches torchrun; "
+                    "train.batch_size stays the global batch). See docs/distributed.md.")] = None,
 ) -> None:
-    """Train a multi-task model from CONFIG; writes OUT/metrics.json and the artifact."""
+    """Train a multi-task model from CONFIG; writes OUT/metrics.json and the artifact.
+
+    Runs unchanged under `torchrun --nproc_per_node=N -m mtlrec train ...` (DDP: gloo on CPU,
+    nccl on GPU); rank 0 alone writes and prints.
+    """
+    from mtlrec.training.distributed import check_launch, is_main_process, launch
     from mtlrec.training.trainer import train as run_train
 
+    if nproc is not None and nproc > 1:
+        check_launch(config, overrides or [], nproc, out if resume else None)
+        args = ["train", str(config), *(overrides or []), "--out", str(out)]
+        args += ["--resume"] * resume + ["--quiet"] * quiet
+        code = launch(nproc, args)
+        if code != 0:
+            err_console.print(f"error: training with {nproc} processes failed (exit code {code}); "
+                              "see the processes' output above", markup=False, highlight=False)
+            raise typer.Exit(code)
+        return
     result = run_train(config, out, overrides or [], resume=resume, progress=False if quiet else None)
-    _print_task_metrics(result.metrics)
-    out_console.print(f"run written to {result.run_dir}")
+    if is_main_process():
+        _print_task_metrics(result.metrics)
+        out_console.print(f"run written to {result.run_dir}")
 
 
 def _print_task_metrics(metrics: dict[str, Any]) -> None:

@@ -45,3 +45,11 @@ class Batch:
             for tensor in group.values():
                 return int(tensor.shape[0])
         return 0
+
+    def unlabelled(self) -> Batch:
+        """The same rows with every label masked out: they pass through the model but add nothing
+        to any loss, nor to any gradient. A replica whose part of a global batch is empty steps on
+        such a row, so that every replica runs the same forward and backward."""
+        masks = {name: torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+                 for name, labels in self.labels.items()}
+        return Batch(self.source, self.user, self.item, self.item_b, self.context, self.labels, masks)

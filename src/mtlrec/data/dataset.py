@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mtlrec.data.batch import Batch
 from mtlrec.data.encoders import ArrayLike, IdIndex
+from mtlrec.data.sharding import check_rank, shard
 from mtlrec.data.spec import InputSpec
 from mtlrec.errors import DataError
 
@@ -333,23 +334,38 @@ class Sampler:
     step). `state_dict()` records the pass and the batches already drawn from it, so a restored
     sampler continues with exactly the batch that would have come next.
 
+    Distributed training: every replica builds the same sampler with its own `rank`. The
+    permutation and the global batches depend only on (seed, pass), so they are the same on every
+    replica; each replica takes its contiguous part of each global batch (`sharding.shard`). A pass
+    thus covers every row exactly once across the replicas, every replica takes `len(self)` steps,
+    and the state (pass, global batches drawn) is the same everywhere, so one checkpoint resumes
+    them all, at any world size. A part is empty when a global batch has fewer rows than
+    `world_size` (the last batch of a pass, or a small auxiliary batch).
+
     Args:
         rows: int64 [N] the row positions to sample from.
-        batch_size: rows per batch.
+        batch_size: rows per global batch (across all replicas).
         seed: the run's seed.
         drop_last: drop the final short batch of each pass.
+        rank: this replica's rank, in [0, world_size).
+        world_size: number of replicas sharing each batch.
     """
 
-    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, drop_last: bool = False) -> None:
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_rank(rank, world_size)
         self.rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
         self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
         self._epoch = 0
         self._position = 0
         self._cached: tuple[int, Tensor] | None = None
+        self._head = self.rows[:1]
 
     def __len__(self) -> int:
         """Batches per pass."""
@@ -364,10 +380,22 @@ class Sampler:
 
     def _slice(self, epoch: int, position: int) -> Tensor:
         start = position * self.batch_size
-        return self._permuted(epoch)[start:start + self.batch_size]
+        rows = self._permuted(epoch)[start:start + self.batch_size]
+        self._head = rows[:1]
+        return shard(rows, self.rank, self.world_size)
+
+    def head(self) -> Tensor:
+        """The first row (int64 [1]) of the global batch drawn last.
+
+        A replica whose part of that batch was empty steps on this row with its labels masked out
+        (`Batch.unlabelled`): the row is in the global batch, so the embedding rows it touches are
+        touched by the step anyway and the update equals a single process's.
+        """
+        return self._head
 
     def epoch(self, epoch: int) -> Iterator[Tensor]:
-        """Batches of pass `epoch`, each int64 [batch_size] (the last may be shorter).
+        """Batches of pass `epoch`, each int64 [batch_size] (the last may be shorter; with
+        `world_size` > 1, this replica's part of each batch).
 
         If the sampler's state is inside this pass (after `load_state_dict`, or an interrupted
         loop), iteration resumes there; the state moves on as batches are drawn.

@@ -53,14 +53,20 @@ class _Bar:
 
 
 class RunLogger:
-    """Console + JSONL (+ TensorBoard) logging for one run directory."""
+    """Console + JSONL (+ TensorBoard) logging for one run directory.
 
-    def __init__(self, run_dir: Path, show_progress: bool, append: bool = False) -> None:
+    `enabled=False` makes every method a no-op: the replicas other than rank 0 of a distributed
+    run log nothing.
+    """
+
+    def __init__(self, run_dir: Path, show_progress: bool, append: bool = False, enabled: bool = True) -> None:
         self.console = Console(stderr=True)
-        self.show_progress = show_progress
+        self.show_progress = show_progress and enabled
         self.path = run_dir / "log.jsonl"
-        self._fh = self.path.open("a" if append else "w", encoding="utf-8")
+        self._fh = self.path.open("a" if append else "w", encoding="utf-8") if enabled else None
         self._tb: Any = None
+        if not enabled:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -101,10 +107,13 @@ class RunLogger:
                     self._tb.add_scalar(f"valid/{task}/{name}", value, step)
 
     def _write(self, record: Mapping[str, Any]) -> None:
+        if self._fh is None:
+            return
         self._fh.write(json.dumps(record, default=float, allow_nan=True) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
         if self._tb is not None:
             self._tb.close()

@@ -8,7 +8,7 @@ and no boolean indexing forces a device synchronisation per task.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +125,8 @@ def _entire_space_loss(chain: list[TaskSpec], outputs: Mapping[str, Tensor], bat
 
 
 def task_losses(outputs: Mapping[str, Tensor], batch: Batch, tasks: Sequence[TaskSpec],
-                entire_space: bool = True) -> dict[str, Tensor]:
+                entire_space: bool = True,
+                denominators: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
     """Masked mean loss of every task that has logits and at least one labelled row in the batch.
 
     Losses follow the type: BCE-with-logits (binary), cross-entropy (multiclass, int64 labels),
@@ -144,6 +145,10 @@ def task_losses(outputs: Mapping[str, Tensor], batch: Batch, tasks: Sequence[Tas
         batch: labels and masks of the source the outputs were computed on.
         tasks: specs of the tasks (tasks absent from `outputs` or `batch.labels` are ignored).
         entire_space: learn conditional tasks over the entire space (ESMM).
+        denominators: maps the labelled-row counts of the tasks [T] (float) to what their summed
+            losses are divided by; None divides by the counts. Data-parallel training passes the
+            mean count over the replicas, so that averaging the replicas' gradients (what DDP does)
+            gives the gradient of the loss over the global batch even where masks split unevenly.
 
     Returns:
         Scalar loss per task. A task with no labelled row in this batch is omitted, not zero, so
@@ -168,6 +173,8 @@ def task_losses(outputs: Mapping[str, Tensor], batch: Batch, tasks: Sequence[Tas
         return {}
     # One host synchronisation for all tasks' labelled-row counts, not one per task.
     counts = torch.stack([mask.sum() for _, mask in per_row.values()])
+    if denominators is not None:
+        counts = denominators(counts.to(torch.float64))
     losses: dict[str, Tensor] = {}
     for (name, (loss, mask)), count in zip(per_row.items(), counts.tolist(), strict=True):
         if count > 0:

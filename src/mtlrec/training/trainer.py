@@ -24,6 +24,7 @@ from mtlrec.config import Config, TrainConfig, dump_config, load_config
 from mtlrec.data.batch import Batch
 from mtlrec.data.dataset import EncodedData, Sampler
 from mtlrec.data.schema import Schema
+from mtlrec.data.sharding import shard_bounds
 from mtlrec.data.spec import InputSpec, TaskSpec
 from mtlrec.data.split import SplitIndex, split_tables
 from mtlrec.data.tables import Tables, load_tables
@@ -33,8 +34,9 @@ from mtlrec.models.model import RecModel, build_model
 from mtlrec.serve.integrity import write_manifest
 from mtlrec.training import checkpoint as ckpt
 from mtlrec.training.diagnostics import Diagnostics
+from mtlrec.training.distributed import Replicas, backend_for
 from mtlrec.training.evaluate import (
-    evaluate,
+    TaskPredictions,
     metrics_of,
     predict_split,
     retrieval_metrics,
@@ -48,19 +50,28 @@ from mtlrec.training.weighting import WEIGHTINGS, Weighting
 
 def train_step(model: RecModel, batches: Sequence[Batch], tasks: Sequence[TaskSpec], weighting: Weighting,
                optimizers: Sequence[torch.optim.Optimizer], clip_params: Sequence[nn.Parameter],
-               clip_norm: float | None, diagnostics: Diagnostics | None = None, step: int = 0
-               ) -> dict[str, Tensor]:
-    """One optimisation step over one batch per source; returns the detached per-task losses."""
+               clip_norm: float | None, diagnostics: Diagnostics | None = None, step: int = 0,
+               replicas: Replicas | None = None) -> dict[str, Tensor]:
+    """One optimisation step over one batch per source; returns the detached per-task losses.
+
+    With `replicas` (data-parallel training, `model` wrapped by `replicas.wrap`), the batches are
+    this replica's part of the global batches: the forward runs through DDP, each task's loss is
+    normalised by its labelled rows over all replicas, and the weighting's own parameters'
+    gradients are averaged, so the step equals a single process's step on the global batches.
+    """
+    outputs = replicas.forward(batches) if replicas is not None else [model(batch) for batch in batches]
+    denominators = replicas.loss_denominators if replicas is not None else None
     losses: dict[str, Tensor] = {}
-    for batch in batches:
-        outputs = model(batch)
-        losses.update(task_losses(outputs, batch, tasks, model.entire_space))
+    for batch, output in zip(batches, outputs, strict=True):
+        losses.update(task_losses(output, batch, tasks, model.entire_space, denominators))
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     if losses:
         if diagnostics is not None:
             diagnostics.before_backward(step, losses, model)
         weights = weighting.backward(losses, model.shared_parameters())
+        if replicas is not None:
+            replicas.average_gradients(weighting.parameters())
         if diagnostics is not None:
             diagnostics.on_step(step, losses, weights, model)
         if clip_norm is not None:
@@ -143,6 +154,8 @@ class Trainer:
         self.base_dir = base_dir
         self.out_dir = out_dir
         self.given_tables = tables
+        # One process until `fit` joins the process group torchrun describes (if any).
+        self.replicas = Replicas(device=choose_device(config.train.device))
 
     # -- setup -------------------------------------------------------------------------------
     def prepare(self, resume: bool = False) -> None:
@@ -153,14 +166,14 @@ class Trainer:
         cfg = self.config
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
-        self.device = choose_device(cfg.train.device)
+        self.device = self.replicas.device
+        rank, world = self.replicas.rank, self.replicas.world_size
+        if cfg.train.batch_size < world:
+            raise ConfigError(f"train.batch_size is the global batch, split across the {world} processes; "
+                              f"it must be >= {world}, got {cfg.train.batch_size}")
         tables: Tables = load_tables(cfg, self.base_dir, self.given_tables)
         self.split: SplitIndex = split_tables(tables, cfg)
-        schema_path = self.out_dir / "schema.json"
-        if resume and schema_path.is_file():
-            self.schema = Schema.load(self.out_dir, cfg)
-        else:
-            self.schema = Schema(cfg).fit(tables, self.split)
+        self.schema = self._fit_schema(tables, resume)
         self.data: EncodedData = self.schema.encode(tables, self.split)
         del tables  # training holds the encoded tensors only
         release_freed_memory()
@@ -171,10 +184,18 @@ class Trainer:
         vocab_rows = sum(self.spec.vocab_sizes.values())
         sparse = cfg.train.sparse_embeddings == "on" or (
             cfg.train.sparse_embeddings == "auto" and vocab_rows > cfg.train.sparse_threshold)
+        if sparse and self.replicas.active and backend_for(self.device) != "gloo":
+            raise ConfigError(f"sparse embedding gradients ({vocab_rows:,} embedding rows, train.sparse_embeddings="
+                              f"{cfg.train.sparse_embeddings}) need the gloo backend, but these replicas train on "
+                              f"{self.device.type} with {backend_for(self.device)}; set train.sparse_embeddings=off "
+                              "(dense DDP) or shard the table (docs/distributed.md)")
         self.model = build_model(self.spec, cfg.model, sparse=sparse).to(self.device)
         task_weights = {t.name: t.weight for t in cfg.tasks}
         self.weighting = WEIGHTINGS.get(cfg.train.weighting)(
             [t.name for t in self.spec.tasks], task_weights, **cfg.train.weighting_params).to(self.device)
+        self.replicas.wrap(self.model)
+        if rank > 0:  # own dropout masks per replica; rank 0 keeps a single process's random stream
+            torch.manual_seed(cfg.train.seed + 1_000_003 * rank)
 
         self.optimizers, self.clip_params = build_optimizers(self.model, self.weighting, cfg.train, self.device)
 
@@ -189,8 +210,54 @@ class Trainer:
             # not revisited hundreds of times an epoch (which overfits their heads).
             size = cfg.train.batch_size if source == self.main_source else \
                 max(1, math.ceil(len(rows) * cfg.train.aux_passes / max(main_steps, 1)))
-            self.samplers[source] = Sampler(rows, size, seed=cfg.train.seed + 7919 * i)
+            self.samplers[source] = Sampler(rows, size, seed=cfg.train.seed + 7919 * i, rank=rank, world_size=world)
         self.progress = _Progress()
+
+    def _fit_schema(self, tables: Tables, resume: bool) -> Schema:
+        """The encoders: loaded on resume, else fitted once, by rank 0, and saved to the run.
+
+        The other replicas wait for that file and load it, so every replica encodes with the very
+        same encoders; the run directory must be on a filesystem every process sees.
+        """
+        cfg = self.config
+        path = self.out_dir / "schema.json"
+        if resume and path.is_file():
+            return Schema.load(self.out_dir, cfg)
+        schema = None
+        if self.replicas.is_main:
+            schema = Schema(cfg).fit(tables, self.split)
+            schema.save(self.out_dir)
+        self.replicas.barrier()
+        if schema is None:
+            if not path.is_file():
+                raise ArtifactError(f"rank {self.replicas.rank} cannot see '{path}', which rank 0 wrote: the run "
+                                    "directory must be on a filesystem every process sees (a shared volume "
+                                    "when several machines train)")
+            schema = Schema.load(self.out_dir, cfg)
+        return schema
+
+    def _batch(self, source: str, sampler: Sampler, rows: Tensor) -> Batch:
+        """This replica's batch of `source`; when its part of the global batch is empty, one row of
+        that batch with every label masked out, so that every replica still steps."""
+        if len(rows) == 0:
+            return self.data.batch(source, sampler.head()).unlabelled()
+        return self.data.batch(source, rows)
+
+    def _predict(self, part: str) -> dict[str, TaskPredictions]:
+        """Predictions of every task on a split part, on every replica.
+
+        Each replica predicts a contiguous run of whole evaluation batches, the very batches one
+        process would form, and the runs are gathered in rank order: every replica holds,
+        bit for bit, the predictions of a single process, and computes the same metrics.
+        """
+        size = self.config.train.eval_batch_size
+        rank, world = self.replicas.rank, self.replicas.world_size
+        rows = {}
+        for source, part_rows in self._rows(part).items():
+            first, stop = shard_bounds(-(-len(part_rows) // size), rank, world)
+            rows[source] = part_rows[first * size:stop * size]
+        local = predict_split(self.model, self.data, self.spec, rows, size, self.device)
+        return self.replicas.gather_predictions(local, self.spec.tasks)
 
     def _check_early_stopping_metric(self) -> None:
         stop = self.config.train.early_stopping
@@ -210,7 +277,14 @@ class Trainer:
         return self.out_dir / "checkpoints" / f"{name}.safetensors"
 
     def _save_checkpoint(self, name: str = "last") -> None:
-        """Everything needed to continue exactly: model, optimizers, weighting, RNG, samplers."""
+        """Everything needed to continue exactly: model, optimizers, weighting, RNG, samplers.
+
+        Every replica calls it (to hand over its random state); rank 0 writes. The rest of the
+        state is the same on every replica.
+        """
+        rng = self.replicas.gather_equal(ckpt.rng_state())
+        if not self.replicas.is_main:
+            return
         tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"weighting.{k}": v for k, v in self.weighting.state_dict().items()})
         optim_docs = []
@@ -218,7 +292,8 @@ class Trainer:
             flat, doc = ckpt.flatten_optimizer(f"optim{i}", opt.state_dict())
             tensors.update(flat)
             optim_docs.append(doc)
-        tensors["rng"] = ckpt.rng_state()
+        tensors["rng"] = rng[0]
+        tensors.update({f"rng.{r}": state for r, state in enumerate(rng) if r > 0})
         p = self.progress
         meta = {"epoch": p.epoch, "step": p.step, "best_score": p.best_score, "best_epoch": p.best_epoch,
                 "stale_epochs": p.stale_epochs, "history": p.history, "optimizers": optim_docs,
@@ -233,11 +308,13 @@ class Trainer:
             opt.load_state_dict(ckpt.unflatten_optimizer(f"optim{i}", tensors, meta["optimizers"][i]))
         for source, state in meta["samplers"].items():
             self.samplers[source].load_state_dict(state)
-        ckpt.set_rng_state(tensors["rng"])
+        ckpt.set_rng_state(tensors.get(f"rng.{self.replicas.rank}", tensors["rng"]))
         self.progress = _Progress(meta["epoch"], meta["step"], meta["best_score"], meta["best_epoch"],
                                   meta["stale_epochs"], meta["history"])
 
     def _save_best(self) -> None:
+        if not self.replicas.is_main:
+            return
         ckpt.save_tensors(self.out_dir / "weights.safetensors", self.model.state_dict(),
                           {"epoch": self.progress.epoch})
 
@@ -249,17 +326,29 @@ class Trainer:
         if resume and not self._checkpoint_path().is_file():
             raise ArtifactError(f"cannot resume: '{self._checkpoint_path()}' does not exist; "
                                 "train without --resume first")
-        self.prepare(resume)
+        self.replicas = Replicas.from_env(choose_device(self.config.train.device))
+        try:
+            self.prepare(resume)
+            result = self._fit(resume, show_progress, started)
+        except BaseException:
+            self.replicas.close(wait=False)
+            raise
+        self.replicas.close()
+        return result
+
+    def _fit(self, resume: bool, show_progress: bool | None, started: float) -> TrainResult:
         cfg = self.config
+        main_replica = self.replicas.is_main
         if resume:
             self._load_checkpoint()
-        else:
+        elif main_replica:
             self._write_static()
-        self.diagnostics = Diagnostics(self.out_dir, cfg.train.diagnostics_every)
+        self.diagnostics = Diagnostics(self.out_dir, cfg.train.diagnostics_every if main_replica else 0)
         if resume:
             self.diagnostics.restore(self.progress.epoch, self.progress.step)
         show = cfg.train.progress if show_progress is None else show_progress
-        logger = RunLogger(self.out_dir, show, append=resume)
+        logger = RunLogger(self.out_dir, show, append=resume, enabled=main_replica)
+        ddp = self.replicas if self.replicas.active else None
         logger.info(f"split sizes: {self.split.sizes()}")
         stop = cfg.train.early_stopping
         tasks = self.spec.tasks
@@ -275,13 +364,13 @@ class Trainer:
                 with logger.epoch_bar(epoch, cfg.train.epochs, len(main)) as bar:
                     for rows in main.epoch(epoch):
                         rows_seen += len(rows)
-                        batches = [self.data.batch(self.main_source, rows)]
-                        batches += [self.data.batch(source, sampler.next()) for source, sampler in aux.items()]
+                        batches = [self._batch(self.main_source, main, rows)]
+                        batches += [self._batch(source, sampler, sampler.next()) for source, sampler in aux.items()]
                         if self.device.type != "cpu":
                             batches = [b.to(self.device) for b in batches]
                         losses = train_step(self.model, batches, tasks, self.weighting, self.optimizers,
                                             self.clip_params, cfg.train.clip_norm, self.diagnostics,
-                                            self.progress.step)
+                                            self.progress.step, ddp)
                         for name, value in losses.items():
                             sums[name] = sums.get(name, 0.0) + value
                             counts[name] = counts.get(name, 0) + 1
@@ -289,12 +378,15 @@ class Trainer:
                         bar.advance(losses)
                         if cfg.train.checkpoint_every and self.progress.step % cfg.train.checkpoint_every == 0:
                             self._save_checkpoint()
-                train_losses = {n: float(sums[n]) / counts[n] for n in sums}
-                # Training throughput of this epoch (or of its resumed part): validation excluded.
-                rate = rows_seen / max(time.perf_counter() - epoch_started, 1e-9)
+                train_seconds = time.perf_counter() - epoch_started
+                train_losses = self._epoch_losses(sums, counts)
+                # Training throughput of this epoch (or of its resumed part) over all replicas,
+                # validation excluded.
+                rows_all = float(self.replicas.mean(torch.tensor([float(rows_seen)]))[0]) * self.replicas.world_size
+                rate = rows_all / max(train_seconds, 1e-9)
                 self.weighting.on_epoch_end(train_losses)
                 self.diagnostics.on_epoch_end(epoch + 1, self.progress.step)
-                self._end_epoch(epoch, train_losses, rate, logger)
+                self._end_epoch(epoch, train_losses, logger, train_seconds, rate)
                 if stop is not None and self.progress.stale_epochs >= stop.patience:
                     logger.info(f"early stopping after epoch {epoch + 1}: no improvement for "
                                 f"{stop.patience} epochs")
@@ -303,13 +395,18 @@ class Trainer:
             logger.close()
         return self._finish(time.perf_counter() - started)
 
-    def _end_epoch(self, epoch: int, train_losses: dict[str, float], samples_per_second: float,
-                   logger: RunLogger) -> None:
+    def _epoch_losses(self, sums: dict[str, Tensor], counts: dict[str, int]) -> dict[str, float]:
+        """Each task's mean loss over the epoch's steps (and over the replicas: the same everywhere)."""
+        if not sums:
+            return {}
+        means = self.replicas.mean(torch.stack([sums[n].reshape(()).double() for n in sums])).tolist()
+        return {n: mean / counts[n] for n, mean in zip(sums, means, strict=True)}
+
+    def _end_epoch(self, epoch: int, train_losses: dict[str, float], logger: RunLogger,
+                   train_seconds: float = math.nan, samples_per_second: float = math.nan) -> None:
         cfg = self.config
-        valid_rows = self._rows("valid")
-        has_valid = any(len(r) for r in valid_rows.values())
-        valid = evaluate(self.model, self.data, self.spec, valid_rows, cfg.train.eval_batch_size,
-                         self.device) if has_valid else {}
+        has_valid = any(len(r) for r in self._rows("valid").values())
+        valid = metrics_of(self._predict("valid")) if has_valid else {}
         metric = cfg.train.early_stopping.metric if cfg.train.early_stopping else "auto"
         score = selection_score(valid, self.spec, metric) if valid else float("nan")
         p = self.progress
@@ -322,8 +419,9 @@ class Trainer:
             self._save_best()
         else:
             p.stale_epochs += 1
+        # train_seconds: the epoch's training steps only (a resumed epoch: since the resume).
         record = {"epoch": epoch + 1, "step": p.step, "train_loss": train_losses, "valid": valid,
-                  "score": score, "best_epoch": p.best_epoch,
+                  "score": score, "best_epoch": p.best_epoch, "train_seconds": round(train_seconds, 3),
                   "train_samples_per_second": round(samples_per_second, 1)}
         p.history.append(record)
         logger.epoch(record)
@@ -334,7 +432,6 @@ class Trainer:
     # -- the run directory ---------------------------------------------------------------------
     def _write_static(self) -> None:
         ckpt.atomic_write_text(self.out_dir / "config.yaml", dump_config(self._resolved_config()))
-        self.schema.save(self.out_dir)
 
     def _resolved_config(self) -> Config:
         """The config with data paths made absolute, so the run can be re-evaluated from anywhere."""
@@ -348,11 +445,15 @@ class Trainer:
         return Config.model_validate(raw)
 
     def _finish(self, seconds: float) -> TrainResult:
+        self.replicas.barrier()                         # rank 0 has written the best weights
         tensors, _ = ckpt.load_tensors(self.out_dir / "weights.safetensors")
         self.model.load_state_dict(tensors)
         cfg = self.config
-        predictions = predict_split(self.model, self.data, self.spec, self._rows("test"),
-                                    cfg.train.eval_batch_size, self.device)
+        predictions = self._predict("test")
+        if not self.replicas.is_main:
+            self.replicas.barrier()                     # rank 0 writes the artifact and metrics.json
+            metrics_text = (self.out_dir / "metrics.json").read_text(encoding="utf-8")
+            return TrainResult(self.out_dir, json.loads(metrics_text), self.progress.history)
         test = metrics_of(predictions)
         test.update(retrieval_metrics(self.model, self.data, self.spec, self._rows("test").get("interactions"),
                                       cfg.train.eval_batch_size, self.device))
@@ -372,6 +473,7 @@ class Trainer:
         }
         ckpt.atomic_write_text(self.out_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
         write_manifest(self.out_dir)
+        self.replicas.barrier()
         return TrainResult(self.out_dir, metrics, self.progress.history)
 
 

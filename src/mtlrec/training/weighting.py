@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from mtlrec.errors import ConfigError
 from mtlrec.registry import Registry
+from mtlrec.training.distributed import average_, replica_mean
 
 __all__ = [
     "WEIGHTINGS",
@@ -134,11 +135,16 @@ def _stack(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _task_grads(loss: Tensor, shared: Iterable[Tensor]) -> tuple[Tensor | None, ...]:
-    """Gradient of one task's loss on the shared parameters (None where the task does not use one)."""
+    """Gradient of one task's loss on the shared parameters (None where the task does not use one).
+
+    Under data-parallel training the gradient is averaged over the replicas (DDP reduces only
+    what reaches `.grad`, never what `torch.autograd.grad` returns), so that every replica sees
+    the task's gradient over the global batch and takes the same decisions from it.
+    """
     params = [p for p in shared if p.requires_grad]
     if not loss.requires_grad or not params:
         return tuple(None for _ in shared)
-    grads = iter(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+    grads = iter(average_(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)))
     return tuple(next(grads) if p.requires_grad else None for p in shared)
 
 
@@ -296,7 +302,8 @@ class GradNorm(Weighting):
         _stack([w_i * loss for w_i, loss in zip(w.unbind(), losses.values(), strict=True)]).sum().backward()
 
         with torch.no_grad():
-            current = _stack([loss.detach() for loss in losses.values()]).to(w)   # [n]
+            # The global batch's losses: every replica updates the weights identically.
+            current = replica_mean(_stack([loss.detach() for loss in losses.values()]).to(w))   # [n]
             initial = initial_all[pos]
             initial = torch.where(torch.isnan(initial), current, initial)
             initial_all[pos] = initial
