@@ -94,9 +94,11 @@ class Experts(nn.Module):
             h = h.view(x.shape[0], E, -1).transpose(0, 1)  # [E, B, H1]
         else:
             h = torch.baddbmm(b.unsqueeze(1), x, w.transpose(0, 1))  # [E, B, H1]
-        h = self.dropout(torch.relu(h))
+        # In place: the matmuls' backward needs their inputs, not their outputs, so the ReLU can
+        # overwrite them (no second [B, E*H] buffer to allocate, fill and free each step).
+        h = self.dropout(torch.relu_(h))
         for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
-            h = self.dropout(torch.relu(torch.baddbmm(b.unsqueeze(1), h, w)))  # [E, B, Hi]
+            h = self.dropout(torch.relu_(torch.baddbmm(b.unsqueeze(1), h, w)))  # [E, B, Hi]
         return h
 
 

@@ -31,7 +31,7 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = []
         width = in_dim
         for size in hidden:
-            layers += [nn.Linear(width, size), nn.ReLU()]
+            layers += [nn.Linear(width, size), nn.ReLU(inplace=True)]  # a Linear's backward needs no output
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = size

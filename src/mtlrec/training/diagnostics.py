@@ -53,7 +53,7 @@ def _flat_index(indices: Tensor, shape: Sequence[int]) -> Tensor:
 def _stack_sparse(grads: Sequence[Tensor]) -> Tensor:
     """Gradients of one parameter, some sparse (embedding rows), as rows [n, U * dense] over the
     union of the U touched entries: the dot products of the full gradients, without densifying."""
-    coalesced = [g.coalesce() if g.is_sparse else g.to_sparse(sparse_dim=1).coalesce() for g in grads]
+    coalesced = [g.coalesce() if g.is_sparse else _compact_rows(g) for g in grads]
     sparse_dim = coalesced[0].sparse_dim()
     shape = coalesced[0].shape[:sparse_dim]
     linear = [_flat_index(g.indices(), shape) for g in coalesced]
@@ -72,10 +72,18 @@ COMPACT_ROWS = 4096
 rows only, so K tasks' gradients of a large table do not take K times its memory."""
 
 
+def _compact_rows(grad: Tensor) -> Tensor:
+    """A dense gradient [N, ...] as a coalesced sparse tensor of its non-zero rows."""
+    rows = (grad != 0).reshape(grad.shape[0], -1).any(dim=1).nonzero().squeeze(1)  # [R], sorted and unique
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), grad.index_select(0, rows), grad.shape,
+                                   is_coalesced=True, check_invariants=False)
+
+
 def _compact(grad: Tensor | None) -> Tensor | None:
     if grad is None or grad.is_sparse or grad.dim() != 2 or grad.shape[0] < COMPACT_ROWS:
         return grad
-    return grad.to_sparse(sparse_dim=1)
+    # By hand: Tensor.to_sparse(sparse_dim=1) runs a per-row unique (~0.6 s on a 300k-row table).
+    return _compact_rows(grad)
 
 
 def _gram(grads: Sequence[Tensor | None], n: int, device: torch.device) -> Tensor:
