@@ -179,6 +179,7 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
 
     from mtlrec.config import load_config
     from mtlrec.data.ctr import ctr_config
+    from mtlrec.memory import release_freed_memory
     from mtlrec.training.evaluate import metrics_of, predict_split
     from mtlrec.training.trainer import Trainer, train_step
 
@@ -217,6 +218,7 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
     # The matmul rate is measured right before and after the timed work and averaged, so that a
     # machine shared with other jobs slows both sides of the ratio alike.
     train_matmul = [matmul_rate(train_shapes)]
+    release_freed_memory()  # the replayed matmuls' buffers are not the training's
     rss_before_training = _rss_mb()
     _reset_peak_rss()
     started = time.perf_counter()
