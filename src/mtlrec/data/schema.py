@@ -422,9 +422,10 @@ class Schema:
                 continue
             keys = table.rows_of(frame[column])
             if keys.size and int(keys.min()) < 0:
-                raise DataError(f"data.{kind}_id: {label} has {kind} ids the schema was not fitted on, such as "
-                                f"{frame[column][keys < 0].head(5).tolist()}; the interactions changed since "
-                                "the run was fitted (or hold missing ids): train a new run")
+                raise DataError(f"data.{kind}_id: {label} has {kind} ids that the run's schema does not know, "
+                                f"such as {frame[column][keys < 0].head(5).tolist()}; streamed interactions "
+                                f"must hold only ids the run was fitted on (set data.stream: false to score "
+                                f"new ids as out-of-vocabulary)")
             source.keys[f"{kind}_key"] = torch.from_numpy(keys)
         for feat in cfg.features:
             if feat.table == "interactions" and feat.type != "sequence":

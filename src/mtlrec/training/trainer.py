@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,22 @@ from mtlrec.data.batch import Batch
 from mtlrec.data.dataset import EncodedData, Sampler
 from mtlrec.data.schema import Schema
 from mtlrec.data.spec import InputSpec, TaskSpec
-from mtlrec.data.split import SplitIndex, split_tables
+from mtlrec.data.split import SplitIndex, split_catalogue, split_tables
+from mtlrec.data.stream import InteractionStream, StreamSplit, fit_chunks, open_stream
 from mtlrec.data.tables import Tables, load_tables
 from mtlrec.errors import ArtifactError, ConfigError
 from mtlrec.models.model import RecModel, build_model
 from mtlrec.serve.integrity import write_manifest
 from mtlrec.training import checkpoint as ckpt
 from mtlrec.training.diagnostics import Diagnostics
-from mtlrec.training.evaluate import evaluate, metrics_of, predict_split, selection_score, sources_with_tasks
+from mtlrec.training.evaluate import (
+    TaskPredictions,
+    metrics_of,
+    predict_batches,
+    predict_split,
+    selection_score,
+    sources_with_tasks,
+)
 from mtlrec.training.logging import RunLogger
 from mtlrec.training.losses import task_losses
 from mtlrec.training.weighting import WEIGHTINGS, Weighting
@@ -108,6 +116,9 @@ class Trainer:
         self.base_dir = base_dir
         self.out_dir = out_dir
         self.given_tables = tables
+        # This process's share of the streamed interactions (`data.stream`); one process reads all.
+        self.rank = 0
+        self.world_size = 1
 
     # -- setup -------------------------------------------------------------------------------
     def prepare(self, resume: bool = False) -> None:
@@ -119,14 +130,15 @@ class Trainer:
         if cfg.train.threads is not None:
             torch.set_num_threads(cfg.train.threads)
         self.device = choose_device(cfg.train.device)
-        tables: Tables = load_tables(cfg, self.base_dir, self.given_tables)
-        self.split: SplitIndex = split_tables(tables, cfg)
-        schema_path = self.out_dir / "schema.json"
-        if resume and schema_path.is_file():
-            self.schema = Schema.load(self.out_dir, cfg)
+        reuse_schema = resume and (self.out_dir / "schema.json").is_file()
+        self.stream: InteractionStream | None = None
+        if cfg.data.stream:
+            self._prepare_stream(reuse_schema)
         else:
-            self.schema = Schema(cfg).fit(tables, self.split)
-        self.data: EncodedData = self.schema.encode(tables, self.split)
+            tables: Tables = load_tables(cfg, self.base_dir, self.given_tables)
+            self.split: SplitIndex = split_tables(tables, cfg)
+            self.schema = Schema.load(self.out_dir, cfg) if reuse_schema else Schema(cfg).fit(tables, self.split)
+            self.data: EncodedData = self.schema.encode(tables, self.split)
         self.spec: InputSpec = self.schema.spec_
         self._check_early_stopping_metric()
 
@@ -162,8 +174,10 @@ class Trainer:
         self.sources = sources_with_tasks(self.spec)
         self.main_source = self.sources[0]
         self.samplers: dict[str, Sampler] = {}
-        main_steps = math.ceil(len(self.split.rows(self.main_source, "train")) / cfg.train.batch_size)
+        main_steps = math.ceil(self._num_rows(self.main_source, "train") / cfg.train.batch_size)
         for i, source in enumerate(self.sources):
+            if self._streamed(source):
+                continue
             rows = self.split.rows(source, "train")
             # Auxiliary sources (users, items, pairs) ride along every step with a batch sized so
             # that they make `aux_passes` passes per epoch of the main source: small tables are
@@ -172,6 +186,53 @@ class Trainer:
                 max(1, math.ceil(len(rows) * cfg.train.aux_passes / max(main_steps, 1)))
             self.samplers[source] = Sampler(rows, size, seed=cfg.train.seed + 7919 * i)
         self.progress = _Progress()
+
+    def _prepare_stream(self, reuse_schema: bool) -> None:
+        """`data.stream`: the catalogue tables in memory, the interactions read from Parquet as needed."""
+        cfg = self.config
+        log, tables = open_stream(cfg, self.base_dir, self.given_tables)
+        self.split = split_catalogue(tables, cfg)
+        interaction_split = StreamSplit(log, cfg)
+        if reuse_schema:
+            self.schema = Schema.load(self.out_dir, cfg)
+        else:
+            self.schema = Schema(cfg).fit_stream(tables, self.split, fit_chunks(log, interaction_split, cfg))
+        self.data = self.schema.encode_catalogue(tables)
+        self.stream = InteractionStream(log, interaction_split, self.schema, self.data, cfg.train.batch_size,
+                                        cfg.data.stream_buffer_rows, cfg.train.seed)
+
+    def _streamed(self, source: str) -> bool:
+        return self.stream is not None and source == "interactions"
+
+    def _num_rows(self, source: str, part: str) -> int:
+        if self.stream is not None and source == "interactions":
+            return self.stream.num_rows(part)
+        return len(self.split.rows(source, part))
+
+    def _split_sizes(self) -> dict[str, dict[str, int]]:
+        sizes = self.split.sizes()
+        if self.stream is not None:
+            sizes = {"interactions": self.stream.split.sizes(), **sizes}
+        return sizes
+
+    def _main_batches(self, epoch: int) -> tuple[int, Iterator[Batch]]:
+        """(batches, the batches) of the main source in `epoch`: from the stream or the sampler."""
+        if self._streamed(self.main_source):
+            assert self.stream is not None
+            return (self.stream.num_batches(epoch, self.rank, self.world_size),
+                    self.stream.epoch(epoch, self.rank, self.world_size))
+        main = self.samplers[self.main_source]
+        return len(main), (self.data.batch(self.main_source, rows) for rows in main.epoch(epoch))
+
+    def _predict(self, part: str) -> dict[str, TaskPredictions]:
+        """Every task's predictions on `part` of each source (streamed interactions read as they go)."""
+        batch_size = self.config.train.eval_batch_size
+        rows = {s: self.split.rows(s, part) for s in self.sources if not self._streamed(s)}
+        predictions = predict_split(self.model, self.data, self.spec, rows, batch_size, self.device)
+        if self.stream is not None and "interactions" in self.sources:
+            batches = self.stream.batches(part, batch_size, self.rank, self.world_size)
+            predictions.update(predict_batches(self.model, self.spec, batches, self.device))
+        return predictions
 
     def _check_early_stopping_metric(self) -> None:
         stop = self.config.train.early_stopping
@@ -182,9 +243,6 @@ class Trainer:
         if not dot or task not in names:
             raise ConfigError(f"train.early_stopping.metric '{stop.metric}' must be 'auto' or '<task>.<metric>' "
                               f"with a task from {names}")
-
-    def _rows(self, part: str) -> dict[str, np.ndarray]:
-        return {source: self.split.rows(source, part) for source in self.sources}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self, name: str = "last") -> Path:
@@ -204,6 +262,8 @@ class Trainer:
         meta = {"epoch": p.epoch, "step": p.step, "best_score": p.best_score, "best_epoch": p.best_epoch,
                 "stale_epochs": p.stale_epochs, "history": p.history, "optimizers": optim_docs,
                 "samplers": {s: sampler.state_dict() for s, sampler in self.samplers.items()}}
+        if self.stream is not None:
+            meta["stream"] = self.stream.state_dict()
         ckpt.save_tensors(self._checkpoint_path(name), tensors, meta)
 
     def _load_checkpoint(self) -> None:
@@ -214,6 +274,11 @@ class Trainer:
             opt.load_state_dict(ckpt.unflatten_optimizer(f"optim{i}", tensors, meta["optimizers"][i]))
         for source, state in meta["samplers"].items():
             self.samplers[source].load_state_dict(state)
+        if self.stream is not None:
+            if "stream" not in meta:
+                raise ArtifactError(f"'{self._checkpoint_path()}' was written without data.stream; resume with "
+                                    "the run's own config")
+            self.stream.load_state_dict(meta["stream"])
         ckpt.set_rng_state(tensors["rng"])
         self.progress = _Progress(meta["epoch"], meta["step"], meta["best_score"], meta["best_epoch"],
                                   meta["stale_epochs"], meta["history"])
@@ -241,10 +306,9 @@ class Trainer:
             self.diagnostics.restore(self.progress.epoch, self.progress.step)
         show = cfg.train.progress if show_progress is None else show_progress
         logger = RunLogger(self.out_dir, show, append=resume)
-        logger.info(f"split sizes: {self.split.sizes()}")
+        logger.info(f"split sizes: {self._split_sizes()}")
         stop = cfg.train.early_stopping
         tasks = self.spec.tasks
-        main = self.samplers[self.main_source]
         aux = {s: self.samplers[s] for s in self.sources[1:]}
         try:
             while self.progress.epoch < cfg.train.epochs:
@@ -253,10 +317,11 @@ class Trainer:
                 sums: dict[str, Tensor] = {}
                 counts: dict[str, int] = {}
                 epoch_started, rows_seen = time.perf_counter(), 0
-                with logger.epoch_bar(epoch, cfg.train.epochs, len(main)) as bar:
-                    for rows in main.epoch(epoch):
-                        rows_seen += len(rows)
-                        batches = [self.data.batch(self.main_source, rows)]
+                num_batches, main_batches = self._main_batches(epoch)
+                with logger.epoch_bar(epoch, cfg.train.epochs, num_batches) as bar:
+                    for batch in main_batches:
+                        rows_seen += len(batch)
+                        batches = [batch]
                         batches += [self.data.batch(source, sampler.next()) for source, sampler in aux.items()]
                         if self.device.type != "cpu":
                             batches = [b.to(self.device) for b in batches]
@@ -287,10 +352,8 @@ class Trainer:
     def _end_epoch(self, epoch: int, train_losses: dict[str, float], samples_per_second: float,
                    logger: RunLogger) -> None:
         cfg = self.config
-        valid_rows = self._rows("valid")
-        has_valid = any(len(r) for r in valid_rows.values())
-        valid = evaluate(self.model, self.data, self.spec, valid_rows, cfg.train.eval_batch_size,
-                         self.device) if has_valid else {}
+        has_valid = any(self._num_rows(source, "valid") for source in self.sources)
+        valid = metrics_of(self._predict("valid")) if has_valid else {}
         metric = cfg.train.early_stopping.metric if cfg.train.early_stopping else "auto"
         score = selection_score(valid, self.spec, metric) if valid else float("nan")
         p = self.progress
@@ -332,21 +395,31 @@ class Trainer:
         tensors, _ = ckpt.load_tensors(self.out_dir / "weights.safetensors")
         self.model.load_state_dict(tensors)
         cfg = self.config
-        predictions = predict_split(self.model, self.data, self.spec, self._rows("test"),
-                                    cfg.train.eval_batch_size, self.device)
+        predictions = self._predict("test")
         test = metrics_of(predictions)
         self.diagnostics.on_fit_end(predictions)
         valid = self.progress.history[self.progress.best_epoch - 1]["valid"] if self.progress.history else {}
-        from mtlrec.recommend import ranking_report, save_serving_state
+        from mtlrec.recommend import (
+            ranking_report,
+            save_serving_state,
+            stream_ranking_report,
+            stream_serving_state,
+        )
 
-        save_serving_state(self.out_dir, self.schema, self.data, self.split)
+        if self.stream is not None:
+            state = stream_serving_state(self.stream, self.spec, collect_seen=cfg.recommend.exclude_seen)
+            state.save(self.out_dir)
+            ranking = stream_ranking_report(self.model, self.stream, state, self.spec, cfg, self.device)
+        else:
+            save_serving_state(self.out_dir, self.schema, self.data, self.split)
+            ranking = ranking_report(self.model, self.data, self.spec, self.split, cfg, self.device)
         metrics: dict[str, Any] = {
             "tasks": {t.name: {"kind": t.kind, "type": t.type, "valid": valid.get(t.name, {}),
                                "test": test.get(t.name, {})} for t in self.spec.tasks},
-            "ranking": ranking_report(self.model, self.data, self.spec, self.split, cfg, self.device),
+            "ranking": ranking,
             "best_epoch": self.progress.best_epoch,
             "epochs_run": self.progress.epoch,
-            "split_sizes": self.split.sizes(),
+            "split_sizes": self._split_sizes(),
             "train_seconds": round(seconds, 2),
         }
         ckpt.atomic_write_text(self.out_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
