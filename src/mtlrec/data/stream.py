@@ -283,26 +283,31 @@ def _generator(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]))
 
 
-def _concat(pieces: list[SourceData]) -> SourceData:
-    """Rows of several encoded chunks as one (numpy concatenation: one thread, beside training)."""
-    if len(pieces) == 1:
-        return pieces[0]
-    first = pieces[0]
-
-    def cat(name: str, key: str) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([getattr(p, name)[key].numpy() for p in pieces]))
-
-    out = SourceData(sum(p.num_rows for p in pieces))
-    for name in ("keys", "context", "labels", "masks"):
-        setattr(out, name, {key: cat(name, key) for key in getattr(first, name)})
-    return out
+_FIELDS = ("keys", "context", "labels", "masks")
 
 
-def _slice(source: SourceData, start: int, stop: int) -> SourceData:
-    out = SourceData(stop - start)
-    for name in ("keys", "context", "labels", "masks"):
-        setattr(out, name, {key: t[start:stop] for key, t in getattr(source, name).items()})
-    return out
+class _Filling:
+    """A buffer of `size` encoded rows, filled in place from chunks (numpy copies: one thread,
+    beside training; no list of pieces and no concatenation, so one buffer's memory at a time)."""
+
+    def __init__(self, first: SourceData, size: int) -> None:
+        self.size = size
+        self.filled = 0
+        self.arrays = {name: {key: np.empty((size, *t.shape[1:]), dtype=t.numpy().dtype)
+                              for key, t in getattr(first, name).items()} for name in _FIELDS}
+
+    def add(self, chunk: SourceData, start: int, stop: int) -> None:
+        end = self.filled + stop - start
+        for name in _FIELDS:
+            for key, t in getattr(chunk, name).items():
+                self.arrays[name][key][self.filled:end] = t.numpy()[start:stop]
+        self.filled = end
+
+    def source(self) -> SourceData:
+        out = SourceData(self.size)
+        for name in _FIELDS:
+            setattr(out, name, {key: torch.from_numpy(a) for key, a in self.arrays[name].items()})
+        return out
 
 
 @dataclass
@@ -386,32 +391,34 @@ class InteractionStream:
         """Shuffled buffers `first`, `first` + 1, ... of the rank's training rows."""
         counts = self.split.counts[groups, 0]
         ends = np.cumsum(counts)
+        total = int(ends[-1]) if len(ends) else 0
         row = first * self.buffer_rows  # first row of the buffer, in the rank's stream of training rows
         index = first
-        pieces: list[SourceData] = []
-        filled = 0
+        filling: _Filling | None = None
         g = int(np.searchsorted(ends, row, side="right"))
         skip = row - (int(ends[g - 1]) if g > 0 else 0)
         for i in range(g, len(groups)):
             if counts[i] == 0:
                 continue
             chunk = self.encoded(self.log.groups[groups[i]], 0)
-            at = skip
-            skip = 0
+            at, skip = skip, 0
             while at < chunk.num_rows:
-                take = min(chunk.num_rows - at, self.buffer_rows - filled)
-                pieces.append(_slice(chunk, at, at + take))
+                if filling is None:
+                    filling = _Filling(chunk, min(self.buffer_rows, total - row))
+                take = min(chunk.num_rows - at, filling.size - filling.filled)
+                filling.add(chunk, at, at + take)
                 at += take
-                filled += take
-                if filled == self.buffer_rows:
-                    yield self._shuffled(pieces, epoch, rank, index)
+                if filling.filled == filling.size:
+                    yield self._shuffled(filling.source(), epoch, rank, index)
+                    row += filling.size
                     index += 1
-                    pieces, filled = [], 0
-        if filled:
-            yield self._shuffled(pieces, epoch, rank, index)
+                    filling = None
+            del chunk
+        if filling is not None:
+            raise DataError(f"data.interactions: '{self.log.path}' holds fewer training rows than when the run "
+                            "started; the files changed while training")
 
-    def _shuffled(self, pieces: list[SourceData], epoch: int, rank: int, index: int) -> _Buffer:
-        source = _concat(pieces)
+    def _shuffled(self, source: SourceData, epoch: int, rank: int, index: int) -> _Buffer:
         order = torch.from_numpy(_generator(self.seed, epoch, rank, index).permutation(source.num_rows))
         data = EncodedData(self.catalogue.spec, self.catalogue.users, self.catalogue.items,
                            {"interactions": source})
