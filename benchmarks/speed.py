@@ -1,6 +1,7 @@
 """Training and inference speed against this machine's own matmul rate.
 
     python benchmarks/speed.py [--rows 200000] [--models mmoe,shared_bottom,ple] [--json FILE]
+                               [--stream-rows 5000000,20000000]
     mtlrec bench speed [same options]
 
 Data: `mtlrec.data.ctr` with seed 0 (20 categorical fields, vocabularies 100..100,000, 10 dense
@@ -17,6 +18,11 @@ Every measurement runs in a fresh subprocess, so that its peak RSS is its own:
   peak RSS, encoded-data, parameter and optimizer-state bytes.
 - `cli`: `mtlrec train CONFIG --out DIR` as a user runs it; its metrics.json records the epoch's
   training throughput (validation excluded). The ratio cli / library shows what the trainer adds.
+- `stream` (with `--stream-rows N,M,...`): for each N, a CTR log of N rows (same generator, seed 0,
+  row groups of 500,000 rows) trains one epoch through `Trainer.fit` with `data.stream: true`
+  (buffer 1,000,000 rows; diagnostics off, as they cost the same in memory and are no part of
+  streaming), in a fresh subprocess: training samples/s from the run's history (validation
+  excluded), peak RSS, and the ratio to the in-memory `library` throughput of the same run.
 - `reference`: a straightforward PyTorch implementation of the same MMoE (one `nn.Embedding` per
   field, eight expert `nn.Sequential`s, `nn.Linear` gates, ESMM loss, `torch.optim.Adam`) on the
   same rows in the same order, as the accuracy reference and the "plain PyTorch" speed reference.
@@ -274,6 +280,25 @@ def _cli(data: Path, model_name: str, threads: int, work: Path) -> dict[str, Any
             "auc": {t: m["test"]["auc"] for t, m in metrics["tasks"].items()}}
 
 
+def _stream(data: Path, model_name: str, threads: int, work: Path) -> dict[str, Any]:
+    """One epoch of `mtlrec train` with `data.stream: true` on the log at `data` (never loaded whole)."""
+    from mtlrec.config import load_config
+    from mtlrec.data.ctr import ctr_config
+    from mtlrec.training.trainer import Trainer
+
+    rss_imports = _rss_mb()
+    overrides = [f"train.threads={threads}", "data.stream=true", "data.stream_buffer_rows=1000000",
+                 "train.diagnostics_every=0"]
+    cfg, base = load_config(ctr_config(data, model_name), overrides)
+    started = time.perf_counter()
+    result = Trainer(cfg, base, work / f"stream-{model_name}-{data.stem}").fit()
+    return {"model": model_name, "train_samples_per_second": result.history[-1]["train_samples_per_second"],
+            "split_sizes": result.metrics["split_sizes"]["interactions"],
+            "auc": {t: m["test"]["auc"] for t, m in result.metrics["tasks"].items()},
+            "rss_after_imports_mb": rss_imports, "peak_rss_mb": _peak_rss_mb(),
+            "run_seconds": time.perf_counter() - started}
+
+
 def _reference(data: Path, threads: int) -> dict[str, Any]:
     """A straightforward PyTorch MMoE on the same rows in the same order (see the module docstring)."""
     import numpy as np
@@ -365,6 +390,8 @@ def _worker(args: argparse.Namespace) -> None:
         result = _library(Path(args.data), args.model, args.threads, work, args.profile)
     elif args.worker == "cli":
         result = _cli(Path(args.data), args.model, args.threads, work)
+    elif args.worker == "stream":
+        result = _stream(Path(args.data), args.model, args.threads, work)
     else:
         result = _reference(Path(args.data), args.threads)
     print("RESULT " + json.dumps(result))
@@ -409,7 +436,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="print torch.profiler's top operators over STEPS training steps of each model")
-    parser.add_argument("--worker", choices=["library", "cli", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--stream-rows", default="",
+                        help="comma-separated row counts: train one epoch of each streamed from Parquet "
+                             "(data.stream) and report samples/s and peak RSS")
+    parser.add_argument("--worker", choices=["library", "cli", "stream", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -420,6 +450,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {list(MODELS)}")
+    try:
+        args.stream_rows = [int(n.replace("_", "")) for n in args.stream_rows.split(",") if n]
+    except ValueError:
+        parser.error(f"--stream-rows must be comma-separated row counts, got {args.stream_rows!r}")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         return _benchmark(args, models, work)
@@ -461,6 +495,8 @@ def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
             print(f"mmoe vs reference: train x{lib['train_samples_per_second'] / ref['train_samples_per_second']:.2f}"
                   f", infer x{lib['infer_samples_per_second'] / ref['infer_samples_per_second']:.2f}, AUC diff " +
                   ", ".join(f"{t} {d:+.4f}" for t, d in lib["auc_minus_reference"].items()))
+    if args.stream_rows:
+        results["stream"] = _benchmark_stream(args, results, work)
     for module, label in PEERS.items():
         try:
             __import__(module)
@@ -474,6 +510,32 @@ def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _benchmark_stream(args: argparse.Namespace, results: dict[str, Any], work: Path) -> dict[str, Any]:
+    """One streamed epoch of the MMoE per row count in `args.stream_rows`, against the in-memory rate."""
+    from mtlrec.data.ctr import write_ctr_parquet
+
+    in_memory = results["models"].get("mmoe", {}).get("train_samples_per_second")
+    out: dict[str, Any] = {"in_memory_rows": args.rows, "in_memory_train_samples_per_second": in_memory, "runs": {}}
+    for rows in args.stream_rows:
+        data = work / f"ctr_{rows}.parquet"
+        if not data.is_file():
+            started = time.perf_counter()
+            write_ctr_parquet(data, rows, seed=0)
+            print(f"stream: wrote {data} ({rows:,} rows) in {time.perf_counter() - started:.0f} s", flush=True)
+        run = _run_worker("stream", data, work, args.threads, "mmoe")
+        run["rows"] = rows
+        if in_memory:
+            run["ratio_to_in_memory"] = run["train_samples_per_second"] / in_memory
+        out["runs"][str(rows)] = run
+        print(f"stream mmoe, {rows:,} rows: train {run['train_samples_per_second']:,.0f} samples/s"
+              + (f" = {run['ratio_to_in_memory']:.0%} of in-memory ({in_memory:,.0f}/s on {args.rows:,} rows)"
+                 if in_memory else " (in-memory mmoe not measured in this run)")
+              + f"; peak RSS {run['peak_rss_mb']:,.0f} MB (after imports {run['rss_after_imports_mb']:.0f} MB); AUC "
+              + ", ".join(f"{t} {a:.4f}" for t, a in run["auc"].items()) + f"; run {run['run_seconds']:.0f} s",
+              flush=True)
+    return out
 
 
 def _print_model(r: dict[str, Any]) -> None:

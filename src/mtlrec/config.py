@@ -61,6 +61,10 @@ class DataConfig(_Strict):
     Paths are relative to the config file's folder. Only `interactions` is required; tasks exist
     only for the tables given. `user_id` / `item_id` may be null for tables without entities
     (Census-Income, the MMoE synthetic data): then there are no user, item or pair tasks.
+
+    With `stream`, the interactions (a Parquet file or a folder of them) are never loaded whole:
+    they are read row group by row group, and training shuffles them within a buffer of
+    `stream_buffer_rows` rows (see mtlrec.data.stream).
     """
 
     interactions: str
@@ -74,6 +78,8 @@ class DataConfig(_Strict):
     item_b: str = "item_b"
     id_min_count: int = Field(1, ge=1)
     split: SplitConfig = SplitConfig()
+    stream: bool = False
+    stream_buffer_rows: int = Field(1_000_000, ge=1)
 
     def table_paths(self) -> dict[str, str]:
         """Name -> path of every table given."""
@@ -297,6 +303,8 @@ class Config(_Strict):
                                 "data.timestamp to order each user's history")
             if feat.filter is not None and feat.type != "sequence":
                 raise _KeyError(f"features[{i}].filter applies only to sequence features")
+        if self.data.stream:
+            _check_streamable(self)
         for name in self.recommend.fusion:
             fused = by_name.get(name)
             if fused is None or fused.kind != "interaction" or fused.type != "binary":
@@ -309,6 +317,18 @@ class Config(_Strict):
 
 class _KeyError(ValueError):
     """A cross-field problem; its message already names the key path."""
+
+
+def _check_streamable(config: Config) -> None:
+    """What `data.stream` cannot do: anything that needs the whole log at once."""
+    if config.data.split.method == "leave_last_out":
+        raise _KeyError("data.split.method is 'leave_last_out', which data.stream cannot do (it needs every "
+                        "user's whole log in time order); use 'random' or 'time', or set data.stream: false")
+    for i, feat in enumerate(config.features):
+        if feat.type == "sequence":
+            raise _KeyError(f"features[{i}] ('{feat.name}') is a sequence feature, which data.stream cannot "
+                            "build (it needs every user's whole log in time order); remove it or set "
+                            "data.stream: false")
 
 
 def _check_unique(section: str, names: list[str]) -> None:

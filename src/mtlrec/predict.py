@@ -19,7 +19,8 @@ from mtlrec.config import Config, load_config
 from mtlrec.data.batch import Batch
 from mtlrec.data.schema import Schema
 from mtlrec.data.spec import FieldSpec, InputSpec, TaskSpec
-from mtlrec.data.split import split_tables
+from mtlrec.data.split import split_catalogue, split_tables
+from mtlrec.data.stream import InteractionStream, StreamSplit, open_stream
 from mtlrec.data.tables import load_tables
 from mtlrec.errors import ArtifactError, DataError
 from mtlrec.models.encoders import missing_features
@@ -28,7 +29,7 @@ from mtlrec.outputs import to_probabilities
 from mtlrec.recommend import Recommender, ServingState
 from mtlrec.serve.integrity import verify_manifest
 from mtlrec.training.checkpoint import load_tensors
-from mtlrec.training.evaluate import evaluate, sources_with_tasks
+from mtlrec.training.evaluate import evaluate, metrics_of, predict_batches, predict_split, sources_with_tasks
 
 OOV_ROW = -1
 """Entity row of an id the model has never seen."""
@@ -255,10 +256,22 @@ def evaluate_run(run_dir: str | Path, data_config: str | Path | None = None, par
     config, base_dir = load_config(data_config if data_config is not None else run / "config.yaml")
     run_config, _ = load_config(run / "config.yaml")
     schema = Schema.load(run, run_config)
+    model = load_model(run, run_config, schema.spec_)
+    batch_size, device = run_config.train.eval_batch_size, torch.device("cpu")
+    sources = sources_with_tasks(schema.spec_)
+    if config.data.stream:  # the interactions are read row group by row group, never whole
+        log, tables = open_stream(config, base_dir)
+        split = split_catalogue(tables, config)
+        data = schema.encode_catalogue(tables)
+        stream = InteractionStream(log, StreamSplit(log, config), schema, data, run_config.train.batch_size,
+                                   config.data.stream_buffer_rows, run_config.train.seed)
+        rows = {s: split.rows(s, part) for s in sources if s != "interactions"}
+        predictions = predict_split(model, data, schema.spec_, rows, batch_size, device)
+        if "interactions" in sources:
+            predictions.update(predict_batches(model, schema.spec_, stream.batches(part, batch_size), device))
+        return {"part": part, "tasks": metrics_of(predictions)}
     tables = load_tables(config, base_dir)
     split = split_tables(tables, config)
     data = schema.encode(tables, split)
-    model = load_model(run, run_config, schema.spec_)
-    rows = {s: split.rows(s, part) for s in sources_with_tasks(schema.spec_)}
-    return {"part": part, "tasks": evaluate(model, data, schema.spec_, rows, run_config.train.eval_batch_size,
-                                            torch.device("cpu"))}
+    rows = {s: split.rows(s, part) for s in sources}
+    return {"part": part, "tasks": evaluate(model, data, schema.spec_, rows, batch_size, device)}

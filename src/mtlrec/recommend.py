@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from mtlrec.data.dataset import EncodedData
     from mtlrec.data.schema import Schema
     from mtlrec.data.split import SplitIndex
+    from mtlrec.data.stream import InteractionStream
 
 SERVING_FILE = "serving.safetensors"
 _EPS = 1e-7
@@ -93,18 +94,12 @@ def _root_binary_task(spec: InputSpec) -> TaskSpec | None:
 
 def build_serving_state(data: EncodedData, split: SplitIndex, spec: InputSpec) -> ServingState:
     """Entity features, training interactions per user and item popularity, from the encoded data."""
-    users = data.users.fields if data.users is not None else {}
-    items = data.items.fields if data.items is not None else {}
-    n_users = data.users.num_rows if data.users is not None else 0
     n_items = data.items.num_rows if data.items is not None else 0
     train_rows = split.rows("interactions", "train")
     if data.users is not None and data.items is not None:
         user_rows, item_rows = data.seen_items(train_rows)
     else:  # no user or item ids (Census, CTR logs, item-only catalogues): no seen items
         user_rows = item_rows = np.zeros(0, dtype=np.int64)
-    pairs = np.unique(np.stack([user_rows, item_rows], axis=1).reshape(-1, 2), axis=0)
-    indptr = np.zeros(n_users + 1, dtype=np.int64)
-    np.add.at(indptr, pairs[:, 0] + 1, 1)
     popularity = np.zeros(n_items, dtype=np.float32)
     root = _root_binary_task(spec)
     if root is not None and n_items:
@@ -113,8 +108,63 @@ def build_serving_state(data: EncodedData, split: SplitIndex, spec: InputSpec) -
             np.add.at(popularity, batch.item["item_key"][positive].numpy(), 1.0)
     elif n_items:
         np.add.at(popularity, item_rows, 1.0)
+    pairs = np.unique(np.stack([user_rows, item_rows], axis=1).reshape(-1, 2), axis=0)
+    return serving_state_of(data, pairs, popularity)
+
+
+def serving_state_of(data: EncodedData, seen: np.ndarray, popularity: np.ndarray) -> ServingState:
+    """The serving state of encoded entity tables, seen (user row, item row) pairs int64 [M, 2]
+    (unique, sorted) and each item's popularity float32 [I]."""
+    users = data.users.fields if data.users is not None else {}
+    items = data.items.fields if data.items is not None else {}
+    n_users = data.users.num_rows if data.users is not None else 0
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.add.at(indptr, seen[:, 0] + 1, 1)
     return ServingState(dict(users), dict(items), torch.as_tensor(np.cumsum(indptr)),
-                        torch.as_tensor(pairs[:, 1].copy()), torch.as_tensor(popularity))
+                        torch.as_tensor(seen[:, 1].copy()), torch.as_tensor(popularity))
+
+
+def stream_serving_state(stream: InteractionStream, spec: InputSpec, collect_seen: bool = True) -> ServingState:
+    """`build_serving_state` from streamed interactions: one pass over the training rows' ids and
+    root label. Memory: the distinct (user, item) training pairs (8 bytes each; none without
+    `collect_seen`) and one count per item, never the log."""
+    data = stream.catalogue
+    n_items = data.items.num_rows if data.items is not None else 0
+    popularity = np.zeros(n_items, dtype=np.float32)
+    root = _root_binary_task(spec)
+    seen = _UniqueKeys()
+    for user_rows, item_rows, positive in stream.keys_and_labels("train", root.name if root else None):
+        np.add.at(popularity, item_rows[positive] if root is not None else item_rows, 1.0)
+        if collect_seen:
+            seen.add(user_rows * np.int64(max(n_items, 1)) + item_rows)
+    keys = seen.values()
+    pairs = np.stack([keys // max(n_items, 1), keys % max(n_items, 1)], axis=1).astype(np.int64)
+    return serving_state_of(data, pairs.reshape(-1, 2), popularity)
+
+
+class _UniqueKeys:
+    """Distinct int64 keys added in chunks; memory ~ the distinct keys (merged when pending outgrows them)."""
+
+    def __init__(self) -> None:
+        self._done = np.zeros(0, dtype=np.int64)
+        self._pending: list[np.ndarray] = []
+        self._size = 0
+
+    def add(self, keys: np.ndarray) -> None:
+        self._pending.append(np.unique(keys))
+        self._size += self._pending[-1].size
+        if self._size > max(self._done.size, 1 << 20):
+            self._merge()
+
+    def _merge(self) -> None:
+        if self._pending:
+            self._done = np.unique(np.concatenate([self._done, *self._pending]))
+            self._pending, self._size = [], 0
+
+    def values(self) -> np.ndarray:
+        """The distinct keys, sorted."""
+        self._merge()
+        return self._done
 
 
 def save_serving_state(run_dir: Path, schema: Schema, data: EncodedData, split: SplitIndex) -> None:
@@ -365,10 +415,49 @@ def ranking_report(model: RecModel, data: EncodedData, spec: InputSpec, split: S
     if not users or not np.concatenate(users).size:
         return {}
     user_keys, item_keys = np.concatenate(users), np.concatenate(items)
-    test_users = np.unique(user_keys)
+    return _rank_held_out(model, spec, state, user_keys, item_keys, config, device, max_users)
+
+
+def stream_ranking_report(model: RecModel, stream: InteractionStream, state: ServingState, spec: InputSpec,
+                          config: Config, device: torch.device, max_users: int = 2000) -> dict[str, Any]:
+    """`ranking_report` on streamed interactions, with the serving state built already.
+
+    Two passes over the test rows' ids and root label: the users with a positive test
+    interaction (memory ~ users), then the positives of the (at most `max_users`) sampled users.
+    """
+    root = _root_binary_task(spec)
+    if root is None or stream.catalogue.items is None or stream.catalogue.users is None:
+        return {}
+    users = _UniqueKeys()
+    for user_rows, _, positive in stream.keys_and_labels("test", root.name):
+        users.add(user_rows[positive])
+    test_users = _sample_users(users.values(), max_users, config.train.seed)
+    if not test_users.size:
+        return {}
+    kept_users: list[np.ndarray] = []
+    kept_items: list[np.ndarray] = []
+    for user_rows, item_rows, positive in stream.keys_and_labels("test", root.name):
+        keep = positive & np.isin(user_rows, test_users)
+        kept_users.append(user_rows[keep])
+        kept_items.append(item_rows[keep])
+    return _rank_held_out(model, spec, state, np.concatenate(kept_users), np.concatenate(kept_items), config,
+                          device, max_users)
+
+
+def _sample_users(test_users: np.ndarray, max_users: int, seed: int) -> np.ndarray:
+    """At most `max_users` of the distinct, sorted `test_users`, sampled with `seed`."""
     if len(test_users) > max_users:
-        rng = np.random.default_rng(config.train.seed)
-        test_users = np.sort(rng.choice(test_users, max_users, replace=False))
+        rng = np.random.default_rng(seed)
+        return np.sort(rng.choice(test_users, max_users, replace=False))
+    return test_users
+
+
+def _rank_held_out(model: RecModel, spec: InputSpec, state: ServingState, user_keys: np.ndarray,
+                   item_keys: np.ndarray, config: Config, device: torch.device, max_users: int) -> dict[str, Any]:
+    """Ranking metrics of the positive (user row, item row) test pairs [M] over the whole catalogue."""
+    root = _root_binary_task(spec)
+    assert root is not None
+    test_users = _sample_users(np.unique(user_keys), max_users, config.train.seed)
     keep = np.isin(user_keys, test_users)
     position = np.searchsorted(test_users, user_keys[keep])
     relevant = [item_keys[keep][position == i] for i in range(len(test_users))]

@@ -171,6 +171,103 @@ def _check_type(d: dict[str, Any], expected: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Accumulators: fit on a column given in chunks (larger-than-memory data)
+
+
+class ValueCounts:
+    """Occurrences of each canonical value string, accumulated over chunks of a column.
+
+    Memory grows with the number of distinct values, never with the number of rows: each chunk
+    is reduced to its distinct values and their counts, and these are merged into the running
+    totals. Fitting a vocabulary on the totals gives exactly the vocabulary of fitting on the
+    concatenated chunks.
+    """
+
+    def __init__(self) -> None:
+        self._strings = np.empty(0, dtype=object)
+        self._counts = np.empty(0, dtype=np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
+
+    def add(self, values: ArrayLike) -> ValueCounts:
+        """Count the values [N] of one chunk (missing values are not counted)."""
+        codes, uniques = factorize_strings(values)
+        self._push(uniques, np.bincount(codes[codes >= 0], minlength=len(uniques)))
+        return self
+
+    def add_tokens(self, values: ArrayLike, separator: str) -> ValueCounts:
+        """Count the tokens of a multi-valued chunk [N] (lists or `separator`-joined strings)."""
+        _, codes, uniques = explode_tokens(values, separator)
+        self._push(uniques, np.bincount(codes, minlength=len(uniques)))
+        return self
+
+    def _push(self, strings: np.ndarray, counts: np.ndarray) -> None:
+        self._pending.append((strings, counts.astype(np.int64)))
+        self._pending_size += len(strings)
+        # Merging costs a pass over the totals; doing it only once the pending parts outgrow them
+        # keeps the cost linear in the data.
+        if self._pending_size > max(len(self._strings), 1 << 16):
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        strings = np.concatenate([self._strings] + [s for s, _ in self._pending])
+        counts = np.concatenate([self._counts] + [c for _, c in self._pending])
+        codes, uniques = pd.factorize(strings)
+        self._counts = np.bincount(codes, weights=counts, minlength=len(uniques)).astype(np.int64)
+        self._strings = np.asarray(uniques, dtype=object)
+        self._pending, self._pending_size = [], 0
+
+    def totals(self) -> tuple[np.ndarray, np.ndarray]:
+        """(canonical value strings [K], their counts int64 [K]), each value once, in first-seen order."""
+        self._merge()
+        return self._strings, self._counts
+
+    def __len__(self) -> int:
+        """Distinct values counted so far."""
+        return len(self.totals()[0])
+
+
+class Moments:
+    """Count, mean and spread of the finite values of a numeric column given in chunks.
+
+    Values are shifted by the first finite value (as `NumericEncoder.fit` does) and each chunk's
+    mean and sum of squared deviations are merged with Chan et al.'s pairwise update, which is
+    numerically stable; one chunk gives exactly `NumericEncoder.fit`'s numbers.
+    """
+
+    def __init__(self) -> None:
+        self.shift: float | None = None
+        self.count = 0
+        self.mean = 0.0  # of the shifted values
+        self.m2 = 0.0  # sum of squared deviations from `mean`
+
+    def add(self, values: ArrayLike) -> Moments:
+        """Accumulate the finite values of one chunk [N] (raises DataError on non-numbers)."""
+        x = to_float(values)
+        x = x[np.isfinite(x)]
+        if x.size == 0:
+            return self
+        if self.shift is None:
+            self.shift = float(x[0])
+        centred = x - self.shift
+        mean = float(centred.mean())
+        deviation = centred - mean
+        m2 = float(np.multiply(deviation, deviation).sum())
+        n_a, n_b = self.count, int(x.size)
+        if n_a == 0:
+            self.count, self.mean, self.m2 = n_b, mean, m2
+            return self
+        total = n_a + n_b
+        delta = mean - self.mean
+        self.mean += delta * n_b / total
+        self.m2 += m2 + delta * delta * n_a * n_b / total
+        self.count = total
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
 # Categorical
 
 
@@ -215,6 +312,16 @@ class CategoricalEncoder:
             strings.append(uniques)
             counts.append(np.bincount(codes[codes >= 0], minlength=len(uniques)))
         self._fit_counts(strings, counts)
+        return self
+
+    def fit_counts(self, counts: ValueCounts) -> Self:
+        """Learn the vocabulary from value counts accumulated over chunks (see `ValueCounts`)."""
+        if self.hash_buckets is not None:
+            return self.fit_many([])
+        if self.min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
+        strings, totals = counts.totals()
+        self._fit_counts([strings], [totals])
         return self
 
     def _fit_counts(self, strings: Sequence[np.ndarray], counts: Sequence[np.ndarray]) -> None:
@@ -314,15 +421,13 @@ class MultiCategoricalEncoder:
 
     def fit(self, values: ArrayLike) -> Self:
         """Learn the token vocabulary from training values [N]."""
+        return self.fit_counts(ValueCounts().add_tokens(values, self.separator))
+
+    def fit_counts(self, counts: ValueCounts) -> Self:
+        """Learn the token vocabulary from token counts accumulated over chunks (`add_tokens`)."""
         if self.max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
-        _, codes, uniques = explode_tokens(values, self.separator)
-        vocab = CategoricalEncoder(self.min_count, self.hash_buckets)
-        if self.hash_buckets is None:
-            vocab._fit_counts([uniques], [np.bincount(codes, minlength=len(uniques))])
-        else:
-            vocab.fit_many([])
-        self.vocab_ = vocab
+        self.vocab_ = CategoricalEncoder(self.min_count, self.hash_buckets).fit_counts(counts)
         return self
 
     @property
@@ -382,17 +487,16 @@ class NumericEncoder:
 
     def fit(self, values: ArrayLike) -> Self:
         """Learn mean and std from training values [N]."""
-        x = to_float(values)
-        x = x[np.isfinite(x)]
-        if x.size == 0:
+        return self.fit_moments(Moments().add(values))
+
+    def fit_moments(self, moments: Moments) -> Self:
+        """Learn mean and std from moments accumulated over chunks (see `Moments`)."""
+        if moments.count == 0 or moments.shift is None:
             self.mean_, self.std_ = 0.0, 1.0
             return self
         # Shifting by one value makes a constant column exactly constant (no rounding in the mean).
-        shift = x[0]
-        centred = x - shift
-        offset = float(centred.mean())
-        std = float(centred.std())
-        self.mean_ = float(shift + offset)
+        std = float(np.sqrt(moments.m2 / moments.count))
+        self.mean_ = float(moments.shift + moments.mean)
         # A spread within rounding error of the values' magnitude is a constant column.
         tiny = 1e-12 * max(1.0, abs(self.mean_))
         self.std_ = std if np.isfinite(std) and std > tiny else 1.0

@@ -8,9 +8,9 @@ labels) into an `EncodedData` of contiguous tensors. The schema saves to one JSO
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -25,10 +25,13 @@ from mtlrec.data.encoders import (
     Encoder,
     IdIndex,
     LabelEncoder,
+    Moments,
     MultiCategoricalEncoder,
     NumericEncoder,
+    ValueCounts,
     encoder_from_dict,
     to_float,
+    to_float_label,
 )
 from mtlrec.data.spec import OOV, FieldSpec, Group, InputSpec, TaskSpec
 from mtlrec.data.split import SplitIndex
@@ -53,6 +56,20 @@ def _narrow(values: np.ndarray) -> torch.Tensor:
 def _missing_row(encoder: Encoder) -> np.ndarray:
     """The encoding of a missing value (for entities that have no row in their table)."""
     return encoder.transform(pd.Series([None], dtype=object))[0]
+
+
+InteractionChunk: TypeAlias = "tuple[pd.DataFrame, np.ndarray]"
+"""Consecutive interaction rows, and the positions (int64 [T]) of the training rows among them."""
+
+
+def _add_labels(values: ValueCounts, task: TaskConfig, labels: pd.Series, name: str) -> None:
+    """Record the distinct training labels of a chunk (a regression label is only checked)."""
+    if task.type == "regression":
+        to_float_label(labels, name)
+    elif task.type == "multilabel":
+        values.add_tokens(labels, task.separator)
+    else:
+        values.add(labels)
 
 
 def _depth(task: TaskConfig, by_name: dict[str, TaskConfig]) -> int:
@@ -131,83 +148,148 @@ class Schema:
                 part is empty.
             ConfigError: a feature name is reserved.
         """
+        self._check_config()
+        validate_tables(tables, self.config, check_leaks=False)
+        self._check_split(split, tables)
+        train = split.rows("interactions", "train")
+        return self._fit(tables, split, [(tables.interactions, train)])
+
+    def fit_stream(self, tables: Tables, split: SplitIndex, chunks: Iterable[InteractionChunk]) -> Schema:
+        """Learn every encoder with the interactions given in chunks, never whole (`data.stream`).
+
+        The result is the schema `fit` learns on the concatenated chunks: vocabularies and label
+        classes exactly, numeric scalings up to rounding (means and spreads merged chunk by chunk).
+
+        Args:
+            tables: the users / items / item_pairs tables; `tables.interactions` is a sample of the
+                interactions (their first row group), already validated with the other tables.
+            split: the parts of the users / items / item_pairs tables.
+            chunks: every interaction row once, in file order, as (frame, positions of its training
+                rows in the frame).
+
+        Raises:
+            DataError: a chunk holds an invalid value or label, or no chunk has training rows.
+        """
+        self._check_config()
+        return self._fit(tables, split, chunks)
+
+    def _fit(self, tables: Tables, split: SplitIndex, chunks: Iterable[InteractionChunk]) -> Schema:
+        """Fit on the catalogue tables and on the interactions chunk by chunk (one pass)."""
         cfg = self.config
         data = cfg.data
-        self._check_config()
-        validate_tables(tables, cfg, check_leaks=False)
-        self._check_split(split, tables)
-        inter = tables.interactions
-        train = split.rows("interactions", "train")
-        if train.size == 0:
+        users, items, pairs = tables.users, tables.items, tables.item_pairs
+        user_index = IdIndex.build([users[data.user_id]] if users is not None and data.user_id else [])
+        item_index = IdIndex.build([items[data.item_id]] if items is not None and data.item_id else [])
+        user_counts, item_counts = ValueCounts(), ValueCounts()
+        features = [(i, f) for i, f in enumerate(cfg.features) if f.table == "interactions" and f.type != "sequence"]
+        feature_stats: dict[str, ValueCounts | Moments] = {
+            f.name: Moments() if f.type == "numeric" else ValueCounts() for _, f in features}
+        label_tasks = [(i, t) for i, t in enumerate(cfg.tasks) if t.table == "interactions" and t.label is not None]
+        label_values = {t.name: ValueCounts() for _, t in label_tasks}
+        train_rows = 0
+        for frame, train in chunks:
+            if data.user_id is not None:
+                user_index = user_index.extend([frame[data.user_id]])
+                user_counts.add(frame[data.user_id].iloc[train])
+            if data.item_id is not None:
+                item_index = item_index.extend([frame[data.item_id]])
+                item_counts.add(frame[data.item_id].iloc[train])
+            if len(train) == 0:
+                continue
+            train_rows += len(train)
+            for i, feat in features:
+                column = frame[feat.source_column].iloc[train]
+                stats = feature_stats[feat.name]
+                try:
+                    if isinstance(stats, Moments):
+                        stats.add(column)
+                    elif feat.type == "multi_categorical":
+                        stats.add_tokens(column, feat.separator)
+                    elif feat.hash_buckets is None:
+                        stats.add(column)
+                except DataError as exc:
+                    raise DataError(f"feature '{feat.name}' (features[{i}]): {exc}") from None
+            for i, task in label_tasks:
+                _add_labels(label_values[task.name], task, frame[task.label].iloc[train],
+                            f"task '{task.name}' (tasks[{i}].label)")
+        if train_rows == 0:
             raise DataError("the training part of the interactions is empty; lower data.split.valid / "
                             "data.split.test or give more rows")
 
         self.users_ = self.items_ = None
         self.user_vocab_ = self.item_vocab_ = None
         if data.user_id is not None:
-            users = tables.users
-            columns = ([users[data.user_id]] if users is not None else []) + [inter[data.user_id]]
-            self.users_ = IdIndex.build(columns)
+            self.users_ = user_index
             # An id gets its own embedding row only when training reaches it: rows of the users
             # (items) table train their id only with model.entity_id_gradients; otherwise an id
             # seen only there would keep its random initial row, noise that every score of that
             # user (item) carries. It shares the OOV row instead and is known by its features.
-            entity_ids = cfg.model.entity_id_gradients
-            parts: list[ArrayLike] = [inter[data.user_id].iloc[train]]
-            if users is not None and entity_ids:
-                parts.append(users[data.user_id].iloc[split.rows("users", "train")])
-            self.user_vocab_ = CategoricalEncoder(data.id_min_count).fit_many(parts)
+            if users is not None and cfg.model.entity_id_gradients:
+                user_counts.add(users[data.user_id].iloc[split.rows("users", "train")])
+            self.user_vocab_ = CategoricalEncoder(data.id_min_count).fit_counts(user_counts)
         if data.item_id is not None:
-            self.items_ = IdIndex.build(self._item_columns(tables))
-            parts = [inter[data.item_id].iloc[train]]
-            items = tables.items
             if items is not None and cfg.model.entity_id_gradients:
-                parts.append(items[data.item_id].iloc[split.rows("items", "train")])
-            pairs = tables.item_pairs
+                item_counts.add(items[data.item_id].iloc[split.rows("items", "train")])
             if pairs is not None:
+                item_index = item_index.extend([pairs[data.item_a], pairs[data.item_b]])
                 pair_train = split.rows("item_pairs", "train")
-                parts += [pairs[data.item_a].iloc[pair_train], pairs[data.item_b].iloc[pair_train]]
-            self.item_vocab_ = CategoricalEncoder(data.id_min_count).fit_many(parts)
+                item_counts.add(pairs[data.item_a].iloc[pair_train])
+                item_counts.add(pairs[data.item_b].iloc[pair_train])
+            self.items_ = item_index
+            self.item_vocab_ = CategoricalEncoder(data.id_min_count).fit_counts(item_counts)
 
         self.features_ = {}
         for i, feat in enumerate(cfg.features):
             if feat.type == "sequence":
                 continue
-            df = tables.get(feat.table)
-            assert df is not None  # validate_tables checked it
-            column = df[feat.source_column]
-            if feat.table == "interactions":
-                column = column.iloc[train]
             encoder = self._new_encoder(feat)
             try:
-                encoder.fit(column)
+                if feat.table == "interactions":
+                    stats = feature_stats[feat.name]
+                    if isinstance(encoder, NumericEncoder):
+                        assert isinstance(stats, Moments)
+                        encoder.fit_moments(stats)
+                    else:
+                        assert isinstance(stats, ValueCounts)
+                        encoder.fit_counts(stats)
+                else:
+                    df = tables.get(feat.table)
+                    assert df is not None  # validate_tables checked it
+                    encoder.fit(df[feat.source_column])
             except DataError as exc:
                 raise DataError(f"feature '{feat.name}' (features[{i}]): {exc}") from None
             self.features_[feat.name] = encoder
 
         self.labels_ = {}
         for i, task in enumerate(cfg.tasks):
-            df = tables.get(task.table)
-            assert df is not None
             if task.label is None:  # a retrieval task whose positives are every interaction
                 continue
-            rows = split.rows(task.table, "train")
             # A retrieval task's label marks its positive pairs: a binary column.
             label_type = "binary" if task.type == "retrieval" else task.type
             encoder_l = LabelEncoder(label_type, task.classes, task.separator,
                                      name=f"task '{task.name}' (tasks[{i}].label)")
+            if task.table == "interactions":
+                # The classes depend only on the distinct training labels, so they are fitted on
+                # those (one of each), gathered chunk by chunk.
+                strings, _ = label_values[task.name].totals()
+                self.labels_[task.name] = encoder_l.fit(pd.Series(strings, dtype=object))
+                continue
+            df = tables.get(task.table)
+            assert df is not None
+            rows = split.rows(task.table, "train")
             self.labels_[task.name] = encoder_l.fit(df[task.label].iloc[rows])
 
         self.spec_ = self._build_spec()
         return self
 
-    def _item_columns(self, tables: Tables) -> list[ArrayLike]:
+    def _item_columns(self, tables: Tables, interactions: bool = True) -> list[ArrayLike]:
         data = self.config.data
         assert data.item_id is not None
         columns: list[ArrayLike] = []
         if tables.items is not None:
             columns.append(tables.items[data.item_id])
-        columns.append(tables.interactions[data.item_id])
+        if interactions:
+            columns.append(tables.interactions[data.item_id])
         if tables.item_pairs is not None:
             columns += [tables.item_pairs[data.item_a], tables.item_pairs[data.item_b]]
         return columns
@@ -291,8 +373,8 @@ class Schema:
         if data.item_id is None:
             sources.pop("item_pairs", None)
 
-        items_table = self._item_entities(tables, sources)
-        users_table = self._user_entities(tables, split, sources, items_table)
+        items_table = self._item_entities(tables, sources, interactions=True)
+        users_table = self._user_entities(tables, split, sources, items_table, interactions=True)
 
         context = sources["interactions"].context
         for feat in cfg.features:
@@ -338,16 +420,76 @@ class Schema:
         source.labels[task.name] = torch.from_numpy(log_q[items] if items.size else np.zeros(0, np.float32))
         source.masks[task.name] = torch.from_numpy(positive)
 
-    def _item_entities(self, tables: Tables, sources: dict[str, SourceData]) -> EntityTable | None:
-        """The item entity table; sets the item keys of the interactions, items and item_pairs rows."""
+    def encode_catalogue(self, tables: Tables) -> EncodedData:
+        """Entity tables and the users / items / item_pairs rows, without the interactions (`data.stream`).
+
+        The interactions are encoded chunk by chunk with `encode_interactions`; `tables.interactions`
+        is only a sample, used to check the columns. Entity rows are those the schema was fitted
+        on (every id of the interactions is among them) plus ids of the tables given.
+
+        Raises:
+            DataError: a table lacks a configured column or holds an invalid label.
+        """
+        self._check_fitted()
+        validate_tables(tables, self.config, require_labels=False, check_leaks=False)
+        sources = {name: SourceData(len(df)) for name in tables.present() if name != "interactions"
+                   if (df := tables.get(name)) is not None}
+        if self.config.data.item_id is None:
+            sources.pop("item_pairs", None)
+        items_table = self._item_entities(tables, sources, interactions=False)
+        users_table = self._user_entities(tables, None, sources, items_table, interactions=False)
+        for name, source in sources.items():
+            df = tables.get(name)
+            assert df is not None
+            source.labels, source.masks = self._labels(name, df)
+        return EncodedData(self.spec_, users_table, items_table, sources)
+
+    def encode_interactions(self, frame: pd.DataFrame, data: EncodedData, label: str) -> SourceData:
+        """The rows of one chunk of interactions: entity keys, context fields, labels and masks.
+
+        Args:
+            frame: interaction rows; label columns may be absent (their masks are then False).
+            data: `encode_catalogue`'s result, whose entity tables the keys point into.
+            label: how errors refer to the chunk (file and row group).
+
+        Raises:
+            DataError: a value or label is invalid, or an id is unknown to the fitted schema
+                (the interactions changed since it was fitted).
+        """
+        self._check_fitted()
+        cfg = self.config
+        source = SourceData(len(frame))
+        for kind, column, table in (("user", cfg.data.user_id, data.users), ("item", cfg.data.item_id, data.items)):
+            if column is None or table is None:
+                continue
+            keys = table.rows_of(frame[column])
+            if keys.size and int(keys.min()) < 0:
+                raise DataError(f"data.{kind}_id: {label} has {kind} ids that the run's schema does not know, "
+                                f"such as {frame[column][keys < 0].head(5).tolist()}; streamed interactions "
+                                f"must hold only ids the run was fitted on (set data.stream: false to score "
+                                f"new ids as out-of-vocabulary)")
+            source.keys[f"{kind}_key"] = torch.from_numpy(keys)
+        for feat in cfg.features:
+            if feat.table == "interactions" and feat.type != "sequence":
+                encoded = self._encode_feature(feat, frame[feat.source_column])
+                source.context[feat.name] = (torch.from_numpy(encoded) if feat.type == "numeric"
+                                             else _narrow(encoded))
+        source.labels, source.masks = self._labels("interactions", frame)
+        return source
+
+    def _item_entities(self, tables: Tables, sources: dict[str, SourceData],
+                       interactions: bool) -> EntityTable | None:
+        """The item entity table; sets the item keys of the interactions (when `interactions`),
+        items and item_pairs rows."""
         data = self.config.data
         if self.items_ is None or self.item_vocab_ is None or data.item_id is None:
             return None
-        index = self.items_.extend(self._item_columns(tables))
+        index = self.items_.extend(self._item_columns(tables, interactions))
         fields = {"item_id": torch.from_numpy(self.item_vocab_.map_strings(index.ids))}
         fields.update(self._entity_features(tables.items, data.item_id, index, "items"))
-        inter_items = index.rows(tables.interactions[data.item_id])
-        sources["interactions"].keys["item_key"] = torch.from_numpy(inter_items)
+        if interactions:
+            inter_items = index.rows(tables.interactions[data.item_id])
+            sources["interactions"].keys["item_key"] = torch.from_numpy(inter_items)
         if tables.items is not None:
             sources["items"].keys["item_key"] = torch.from_numpy(index.rows(tables.items[data.item_id]))
         if tables.item_pairs is not None:
@@ -357,22 +499,25 @@ class Schema:
         return EntityTable("item", index, {spec.name: fields[spec.name] for spec in self.spec_.group("item")})
 
     def _user_entities(self, tables: Tables, split: SplitIndex | None, sources: dict[str, SourceData],
-                       items: EntityTable | None) -> EntityTable | None:
-        """The user entity table; sets the user keys and the per-row sequences of the interactions."""
+                       items: EntityTable | None, interactions: bool) -> EntityTable | None:
+        """The user entity table; sets the user keys of the users rows and (when `interactions`) the
+        user keys and per-row sequences of the interactions."""
         data = self.config.data
         if self.users_ is None or self.user_vocab_ is None or data.user_id is None:
             return None
         inter, users = tables.interactions, tables.users
-        columns: list[ArrayLike] = [inter[data.user_id]]
+        columns: list[ArrayLike] = [inter[data.user_id]] if interactions else []
         if users is not None:
             columns.insert(0, users[data.user_id])
         index = self.users_.extend(columns)
         fields = {"user_id": torch.from_numpy(self.user_vocab_.map_strings(index.ids))}
         fields.update(self._entity_features(users, data.user_id, index, "users"))
-        user_key = index.rows(inter[data.user_id])
-        sources["interactions"].keys["user_key"] = torch.from_numpy(user_key)
         if users is not None:
             sources["users"].keys["user_key"] = torch.from_numpy(index.rows(users[data.user_id]))
+        if not interactions:
+            return EntityTable("user", index, {spec.name: fields[spec.name] for spec in self.spec_.group("user")})
+        user_key = index.rows(inter[data.user_id])
+        sources["interactions"].keys["user_key"] = torch.from_numpy(user_key)
         sequences = [f for f in self.config.features if f.type == "sequence"]
         if sequences:
             if items is None:  # the config requires item ids for sequence features

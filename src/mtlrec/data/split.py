@@ -8,6 +8,7 @@ test user's label never trains; an unordered item pair {a, b} lands in exactly o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,6 +143,7 @@ def split_tables(tables: Tables, config: Config) -> SplitIndex:
     """
     cfg = config.data.split
     data = config.data
+    split = split_catalogue(tables, config)
     inter = tables.interactions
     n = len(inter)
     if cfg.method == "random":
@@ -158,7 +160,19 @@ def split_tables(tables: Tables, config: Config) -> SplitIndex:
         user_codes = canonical_codes(inter[data.user_id])
         part = _leave_last_out(user_codes, timestamps(inter, data.timestamp, "interactions"),
                                cfg.valid, cfg.test)
-    split = SplitIndex({"interactions": _parts_from_labels(part)})
+    split.parts = {"interactions": _parts_from_labels(part), **split.parts}
+    return split
+
+
+def split_catalogue(tables: Tables, config: Config) -> SplitIndex:
+    """Split the users, items and item_pairs tables by entity; the interactions are left out.
+
+    `split_tables` adds the interactions; with `data.stream` they are split row by row as they are
+    read (`hash_parts`, `time_parts`).
+    """
+    cfg = config.data.split
+    data = config.data
+    split = SplitIndex({})
     for name in ("users", "items"):
         df = tables.get(name)
         if df is not None:
@@ -173,3 +187,117 @@ def split_tables(tables: Tables, config: Config) -> SplitIndex:
                                       _rng(cfg.seed, "item_pairs"))
         split.parts["item_pairs"] = _parts_from_labels(assignment)
     return split
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting rows one at a time (data.stream): no pass needs the whole log in memory
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer on uint64 [N] (wrapping arithmetic): a bijection that scrambles bits."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def hash_parts(rows: np.ndarray, valid: float, test: float, seed: int) -> np.ndarray:
+    """int8 [N] part of each global row number [N]: a seeded hash decides, row by row.
+
+    Row r gets u(r) = hash(seed, r) / 2^64, uniform in [0, 1): test when u < `test`, valid when
+    u < `test` + `valid`, else train. The same row always lands in the same part, whatever else is
+    read; the parts' sizes are binomial around the fractions (not the exact counts of the
+    in-memory split).
+    """
+    seed_key = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    u = (_mix64(np.asarray(rows).astype(np.uint64) * _GOLDEN + seed_key) >> np.uint64(11)).astype(np.float64)
+    u *= 2.0 ** -53
+    part = np.zeros(u.size, dtype=np.int8)
+    part[u < test + valid] = 1
+    part[u < test] = 2
+    return part
+
+
+_SIGN = np.uint64(1 << 63)
+
+
+def order_keys(ts: np.ndarray) -> np.ndarray:
+    """uint64 [N] keys that sort like the timestamps [N] (integers, or floats without NaN)."""
+    values = np.asarray(ts)
+    if values.dtype.kind == "u":
+        return values.astype(np.uint64)
+    if values.dtype.kind in "ib":
+        return values.astype(np.int64).view(np.uint64) ^ _SIGN
+    bits = (values.astype(np.float64) + 0.0).view(np.uint64)  # + 0.0 turns -0.0 into 0.0
+    return np.where(bits >> np.uint64(63) == 1, ~bits, bits | _SIGN)
+
+
+def select_keys(passes: Callable[[], Iterable[np.ndarray]], ranks: Sequence[int]) -> list[int]:
+    """The keys at 0-based `ranks` of the sorted keys, in a few passes of bounded memory.
+
+    `passes()` yields every key (uint64 chunks) once per call. A first pass finds the range; each
+    further pass narrows every rank's candidate range 65,536-fold with a histogram of the next 16
+    bits, so at most 4 more passes find the exact key, as a full sort would.
+    """
+    low, high, n = None, None, 0
+    for keys in passes():
+        if keys.size:
+            low = int(keys.min()) if low is None else min(low, int(keys.min()))
+            high = int(keys.max()) if high is None else max(high, int(keys.max()))
+            n += keys.size
+    if low is None or high is None:
+        return [0 for _ in ranks]
+    for rank in ranks:
+        if not 0 <= rank < n:
+            raise ValueError(f"rank {rank} is outside [0, {n})")
+    shift = (high - low).bit_length()
+    # Per rank: the candidate range [start, start + 2^shift) and the count of keys below it.
+    state = [[low, 0] for _ in ranks]
+    while shift > 0:
+        step = min(16, shift)
+        sub = shift - step
+        hists = [np.zeros(1 << step, dtype=np.int64) for _ in ranks]
+        belows = [0 for _ in ranks]
+        for keys in passes():
+            for i, (start, _) in enumerate(state):
+                offset = keys - np.uint64(start)
+                inside = (keys >= np.uint64(start)) & (offset >> np.uint64(shift) == 0 if shift < 64 else True)
+                belows[i] += int((keys < np.uint64(start)).sum())
+                hists[i] += np.bincount((offset[inside] >> np.uint64(sub)).astype(np.int64), minlength=1 << step)
+        for i, rank in enumerate(ranks):
+            cumulative = np.cumsum(hists[i]) + belows[i]
+            b = int(np.searchsorted(cumulative, rank, side="right"))
+            state[i][0] += b << sub
+        shift = sub
+    return [start for start, _ in state]
+
+
+def time_thresholds(passes: Callable[[], Iterable[np.ndarray]], n: int, valid: float,
+                    test: float) -> tuple[int | None, int | None]:
+    """Order keys from which rows are valid and test (`time_parts`), as the in-memory time split.
+
+    The in-memory split sorts the timestamps and makes the rows at or after the (n - n_test)-th
+    test, those at or after the (n - n_test - n_valid)-th valid; these are the same keys, found
+    with `select_keys` over `passes` of the timestamp keys.
+    """
+    n_valid, n_test = _counts(n, valid, test)
+    ranks = [n - n_test - n_valid] if n_valid else []
+    ranks += [n - n_test] if n_test else []
+    keys = select_keys(passes, ranks) if ranks else []
+    t_valid = keys.pop(0) if n_valid else None
+    t_test = keys.pop(0) if n_test else None
+    return t_valid, t_test
+
+
+def time_parts(keys: np.ndarray, thresholds: tuple[int | None, int | None]) -> np.ndarray:
+    """int8 [N] part of each row from its order key [N] and `time_thresholds`."""
+    t_valid, t_test = thresholds
+    part = np.zeros(keys.size, dtype=np.int8)
+    if t_valid is not None:
+        part[keys >= np.uint64(t_valid)] = 1
+    if t_test is not None:
+        part[keys >= np.uint64(t_test)] = 2
+    return part

@@ -87,11 +87,13 @@ def read_table(source: str | Path | pd.DataFrame, name: str) -> pd.DataFrame:
 
 
 def load_tables(config: Config, base_dir: Path,
-                given: Mapping[str, pd.DataFrame | str | Path] | None = None) -> Tables:
+                given: Mapping[str, pd.DataFrame | str | Path] | None = None,
+                labels: Mapping[str, str] | None = None) -> Tables:
     """Read every table the config names and check it against the config.
 
     Paths in `config.data` are relative to `base_dir` (the config file's folder). `given`
-    overrides tables by name with DataFrames (the Python API) or paths (taken as they are).
+    overrides tables by name with DataFrames (the Python API) or paths (taken as they are);
+    `labels` names given tables in messages (default: "the given ... DataFrame" or the file name).
 
     Raises:
         DataError: a table is missing or unreadable, or is inconsistent with the config; the
@@ -105,18 +107,18 @@ def load_tables(config: Config, base_dir: Path,
         name: base_dir / path for name, path in config.data.table_paths().items()}
     sources.update(given)
     frames: dict[str, pd.DataFrame] = {}
-    labels: dict[str, str] = {}
+    names: dict[str, str] = {}
     for name in TABLE_NAMES:
         if name not in sources:
             continue
         src = sources[name]
         frames[name] = read_table(src, name)
-        labels[name] = (f"the given {name} DataFrame" if isinstance(src, pd.DataFrame)
-                        else Path(src).name)
+        names[name] = (f"the given {name} DataFrame" if isinstance(src, pd.DataFrame)
+                       else Path(src).name)
     if "interactions" not in frames:
         raise DataError("no interactions table: set data.interactions or pass one")
     tables = Tables(**frames)
-    validate_tables(tables, config, labels)
+    validate_tables(tables, config, {**names, **(labels or {})})
     return tables
 
 

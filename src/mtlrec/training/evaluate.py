@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from mtlrec.data.batch import Batch
 from mtlrec.data.dataset import EncodedData
 from mtlrec.data.spec import SOURCE_OF_KIND, InputSpec, TaskSpec
 from mtlrec.metrics import PRIMARY_METRIC, higher_is_better, task_metrics
@@ -38,34 +39,39 @@ def sources_with_tasks(spec: InputSpec) -> list[str]:
 
 
 @torch.no_grad()
+def predict_batches(model: nn.Module, spec: InputSpec, batches: Iterable[Batch],
+                    device: torch.device) -> dict[str, TaskPredictions]:
+    """Run the model over batches of one source and collect each task's probabilities."""
+    was_training = model.training
+    model.eval()
+    chunks: dict[str, list[np.ndarray]] = {}
+    labels: dict[str, list[np.ndarray]] = {}
+    masks: dict[str, list[np.ndarray]] = {}
+    groups: list[np.ndarray] = []
+    for batch in batches:
+        if "user_key" in batch.user:
+            groups.append(batch.user["user_key"].numpy())
+        batch = batch.to(device)
+        logits = model(batch)
+        for name, value in logits.items():
+            task = spec.task(name)
+            chunks.setdefault(name, []).append(to_probabilities(task, value).float().cpu().numpy())
+            labels.setdefault(name, []).append(batch.labels[name].cpu().numpy())
+            masks.setdefault(name, []).append(batch.masks[name].cpu().numpy())
+    model.train(was_training)
+    return {name: TaskPredictions(spec.task(name), np.concatenate(chunks[name]), np.concatenate(labels[name]),
+                                  np.concatenate(masks[name]), np.concatenate(groups) if groups else None)
+            for name in chunks}
+
+
 def predict_split(model: nn.Module, data: EncodedData, spec: InputSpec, rows: Mapping[str, np.ndarray],
                   batch_size: int, device: torch.device) -> dict[str, TaskPredictions]:
     """Run the model over the given rows of every source and collect each task's probabilities."""
-    was_training = model.training
-    model.eval()
     result: dict[str, TaskPredictions] = {}
     for source, source_rows in rows.items():
         if len(source_rows) == 0:
             continue
-        chunks: dict[str, list[np.ndarray]] = {}
-        labels: dict[str, list[np.ndarray]] = {}
-        masks: dict[str, list[np.ndarray]] = {}
-        groups: list[np.ndarray] = []
-        for batch in data.iter_batches(source, source_rows, batch_size):
-            if "user_key" in batch.user:
-                groups.append(batch.user["user_key"].numpy())
-            batch = batch.to(device)
-            logits = model(batch)
-            for name, value in logits.items():
-                task = spec.task(name)
-                chunks.setdefault(name, []).append(to_probabilities(task, value).float().cpu().numpy())
-                labels.setdefault(name, []).append(batch.labels[name].cpu().numpy())
-                masks.setdefault(name, []).append(batch.masks[name].cpu().numpy())
-        for name in chunks:
-            result[name] = TaskPredictions(spec.task(name), np.concatenate(chunks[name]),
-                                           np.concatenate(labels[name]), np.concatenate(masks[name]),
-                                           np.concatenate(groups) if groups else None)
-    model.train(was_training)
+        result.update(predict_batches(model, spec, data.iter_batches(source, source_rows, batch_size), device))
     return result
 
 

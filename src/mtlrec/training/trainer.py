@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from mtlrec.data.dataset import EncodedData, Sampler
 from mtlrec.data.schema import Schema
 from mtlrec.data.sharding import shard_bounds
 from mtlrec.data.spec import InputSpec, TaskSpec
-from mtlrec.data.split import SplitIndex, split_tables
+from mtlrec.data.split import SplitIndex, split_catalogue, split_tables
+from mtlrec.data.stream import InteractionStream, StreamSplit, fit_chunks, open_stream
 from mtlrec.data.tables import Tables, load_tables
 from mtlrec.errors import ArtifactError, ConfigError
 from mtlrec.memory import release_freed_memory
@@ -38,6 +39,7 @@ from mtlrec.training.distributed import Replicas, backend_for
 from mtlrec.training.evaluate import (
     TaskPredictions,
     metrics_of,
+    predict_batches,
     predict_split,
     retrieval_metrics,
     selection_score,
@@ -171,12 +173,22 @@ class Trainer:
         if cfg.train.batch_size < world:
             raise ConfigError(f"train.batch_size is the global batch, split across the {world} processes; "
                               f"it must be >= {world}, got {cfg.train.batch_size}")
-        tables: Tables = load_tables(cfg, self.base_dir, self.given_tables)
-        self.split: SplitIndex = split_tables(tables, cfg)
-        self.schema = self._fit_schema(tables, resume)
-        self.data: EncodedData = self.schema.encode(tables, self.split)
-        del tables  # training holds the encoded tensors only
-        release_freed_memory()
+        self.stream: InteractionStream | None = None
+        if cfg.data.stream:
+            if self.replicas.active:
+                raise ConfigError("data.stream: streamed interactions do not train under several processes yet; "
+                                  "set data.stream: false or train in one process")
+            if cfg.tasks_of("retrieval"):
+                raise ConfigError("data.stream: a retrieval task needs every interaction's item frequency before "
+                                  "training, which streamed interactions do not give yet; set data.stream: false")
+            self._prepare_stream(resume and (self.out_dir / "schema.json").is_file())
+        else:
+            tables: Tables = load_tables(cfg, self.base_dir, self.given_tables)
+            self.split: SplitIndex = split_tables(tables, cfg)
+            self.schema = self._fit_schema(tables, resume)
+            self.data: EncodedData = self.schema.encode(tables, self.split)
+            del tables  # training holds the encoded tensors only
+            release_freed_memory()
         self.spec: InputSpec = self.schema.spec_
         self._check_early_stopping_metric()
 
@@ -202,8 +214,10 @@ class Trainer:
         self.sources = sources_with_tasks(self.spec)
         self.main_source = self.sources[0]
         self.samplers: dict[str, Sampler] = {}
-        main_steps = math.ceil(len(self.split.rows(self.main_source, "train")) / cfg.train.batch_size)
+        main_steps = math.ceil(self._num_rows(self.main_source, "train") / cfg.train.batch_size)
         for i, source in enumerate(self.sources):
+            if self._streamed(source):
+                continue
             rows = self.split.rows(source, "train")
             # Auxiliary sources (users, items, pairs) ride along every step with a batch sized so
             # that they make `aux_passes` passes per epoch of the main source: small tables are
@@ -243,12 +257,56 @@ class Trainer:
             return self.data.batch(source, sampler.head()).unlabelled()
         return self.data.batch(source, rows)
 
+    def _prepare_stream(self, reuse_schema: bool) -> None:
+        """`data.stream`: the catalogue tables in memory, the interactions read from Parquet as needed."""
+        cfg = self.config
+        log, tables = open_stream(cfg, self.base_dir, self.given_tables)
+        self.split = split_catalogue(tables, cfg)
+        interaction_split = StreamSplit(log, cfg)
+        if reuse_schema:
+            self.schema = Schema.load(self.out_dir, cfg)
+        else:
+            self.schema = Schema(cfg).fit_stream(tables, self.split, fit_chunks(log, interaction_split, cfg))
+        if not reuse_schema and self.replicas.is_main:
+            self.schema.save(self.out_dir)
+        self.data = self.schema.encode_catalogue(tables)
+        self.stream = InteractionStream(log, interaction_split, self.schema, self.data, cfg.train.batch_size,
+                                        cfg.data.stream_buffer_rows, cfg.train.seed)
+
+    def _rows(self, part: str) -> dict[str, np.ndarray]:
+        """Rows of `part` of every source held in memory (streamed interactions are read as they go)."""
+        return {source: self.split.rows(source, part) for source in self.sources if not self._streamed(source)}
+
+    def _streamed(self, source: str) -> bool:
+        return self.stream is not None and source == "interactions"
+
+    def _num_rows(self, source: str, part: str) -> int:
+        if self.stream is not None and source == "interactions":
+            return self.stream.num_rows(part)
+        return len(self.split.rows(source, part))
+
+    def _split_sizes(self) -> dict[str, dict[str, int]]:
+        sizes = self.split.sizes()
+        if self.stream is not None:
+            sizes = {"interactions": self.stream.split.sizes(), **sizes}
+        return sizes
+
+    def _main_batches(self, epoch: int) -> tuple[int, Iterator[Batch]]:
+        """(batches, the batches) of the main source in `epoch`: from the stream or the sampler."""
+        if self._streamed(self.main_source):
+            assert self.stream is not None
+            rank, world = self.replicas.rank, self.replicas.world_size
+            return self.stream.num_batches(epoch, rank, world), self.stream.epoch(epoch, rank, world)
+        main = self.samplers[self.main_source]
+        return len(main), (self._batch(self.main_source, main, rows) for rows in main.epoch(epoch))
+
     def _predict(self, part: str) -> dict[str, TaskPredictions]:
         """Predictions of every task on a split part, on every replica.
 
         Each replica predicts a contiguous run of whole evaluation batches, the very batches one
         process would form, and the runs are gathered in rank order: every replica holds,
         bit for bit, the predictions of a single process, and computes the same metrics.
+        Streamed interactions (one process) are read as they go.
         """
         size = self.config.train.eval_batch_size
         rank, world = self.replicas.rank, self.replicas.world_size
@@ -257,7 +315,10 @@ class Trainer:
             first, stop = shard_bounds(-(-len(part_rows) // size), rank, world)
             rows[source] = part_rows[first * size:stop * size]
         local = predict_split(self.model, self.data, self.spec, rows, size, self.device)
-        return self.replicas.gather_predictions(local, self.spec.tasks)
+        predictions = self.replicas.gather_predictions(local, self.spec.tasks)
+        if self.stream is not None and "interactions" in self.sources:
+            predictions.update(predict_batches(self.model, self.spec, self.stream.batches(part, size), self.device))
+        return predictions
 
     def _check_early_stopping_metric(self) -> None:
         stop = self.config.train.early_stopping
@@ -269,9 +330,6 @@ class Trainer:
             raise ConfigError(f"train.early_stopping.metric '{stop.metric}' must be 'auto' or '<task>.<metric>' "
                               f"with a task from {names}")
 
-    def _rows(self, part: str) -> dict[str, np.ndarray]:
-        return {source: self.split.rows(source, part) for source in self.sources}
-
     # -- checkpoints ---------------------------------------------------------------------------
     def _checkpoint_path(self, name: str = "last") -> Path:
         return self.out_dir / "checkpoints" / f"{name}.safetensors"
@@ -279,12 +337,16 @@ class Trainer:
     def _save_checkpoint(self, name: str = "last") -> None:
         """Everything needed to continue exactly: model, optimizers, weighting, RNG, samplers.
 
-        Every replica calls it (to hand over its random state); rank 0 writes. The rest of the
-        state is the same on every replica.
+        Every replica calls it (to hand over its random state); rank 0 writes, and no replica goes
+        on before the file is complete, so a replica that dies right after cannot take an
+        unfinished checkpoint down with it. The rest of the state is the same on every replica.
         """
         rng = self.replicas.gather_equal(ckpt.rng_state())
-        if not self.replicas.is_main:
-            return
+        if self.replicas.is_main:
+            self._write_checkpoint(name, rng)
+        self.replicas.barrier()
+
+    def _write_checkpoint(self, name: str, rng: list[Tensor]) -> None:
         tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"weighting.{k}": v for k, v in self.weighting.state_dict().items()})
         optim_docs = []
@@ -298,6 +360,8 @@ class Trainer:
         meta = {"epoch": p.epoch, "step": p.step, "best_score": p.best_score, "best_epoch": p.best_epoch,
                 "stale_epochs": p.stale_epochs, "history": p.history, "optimizers": optim_docs,
                 "samplers": {s: sampler.state_dict() for s, sampler in self.samplers.items()}}
+        if self.stream is not None:
+            meta["stream"] = self.stream.state_dict()
         ckpt.save_tensors(self._checkpoint_path(name), tensors, meta)
 
     def _load_checkpoint(self) -> None:
@@ -308,6 +372,11 @@ class Trainer:
             opt.load_state_dict(ckpt.unflatten_optimizer(f"optim{i}", tensors, meta["optimizers"][i]))
         for source, state in meta["samplers"].items():
             self.samplers[source].load_state_dict(state)
+        if self.stream is not None:
+            if "stream" not in meta:
+                raise ArtifactError(f"'{self._checkpoint_path()}' was written without data.stream; resume with "
+                                    "the run's own config")
+            self.stream.load_state_dict(meta["stream"])
         ckpt.set_rng_state(tensors.get(f"rng.{self.replicas.rank}", tensors["rng"]))
         self.progress = _Progress(meta["epoch"], meta["step"], meta["best_score"], meta["best_epoch"],
                                   meta["stale_epochs"], meta["history"])
@@ -349,10 +418,9 @@ class Trainer:
         show = cfg.train.progress if show_progress is None else show_progress
         logger = RunLogger(self.out_dir, show, append=resume, enabled=main_replica)
         ddp = self.replicas if self.replicas.active else None
-        logger.info(f"split sizes: {self.split.sizes()}")
+        logger.info(f"split sizes: {self._split_sizes()}")
         stop = cfg.train.early_stopping
         tasks = self.spec.tasks
-        main = self.samplers[self.main_source]
         aux = {s: self.samplers[s] for s in self.sources[1:]}
         try:
             while self.progress.epoch < cfg.train.epochs:
@@ -361,10 +429,11 @@ class Trainer:
                 sums: dict[str, Tensor] = {}
                 counts: dict[str, int] = {}
                 epoch_started, rows_seen = time.perf_counter(), 0
-                with logger.epoch_bar(epoch, cfg.train.epochs, len(main)) as bar:
-                    for rows in main.epoch(epoch):
-                        rows_seen += len(rows)
-                        batches = [self._batch(self.main_source, main, rows)]
+                num_batches, main_batches = self._main_batches(epoch)
+                with logger.epoch_bar(epoch, cfg.train.epochs, num_batches) as bar:
+                    for batch in main_batches:
+                        rows_seen += len(batch)
+                        batches = [batch]
                         batches += [self._batch(source, sampler, sampler.next()) for source, sampler in aux.items()]
                         if self.device.type != "cpu":
                             batches = [b.to(self.device) for b in batches]
@@ -405,8 +474,11 @@ class Trainer:
     def _end_epoch(self, epoch: int, train_losses: dict[str, float], logger: RunLogger,
                    train_seconds: float = math.nan, samples_per_second: float = math.nan) -> None:
         cfg = self.config
-        has_valid = any(len(r) for r in self._rows("valid").values())
+        has_valid = any(self._num_rows(source, "valid") for source in self.sources)
         valid = metrics_of(self._predict("valid")) if has_valid else {}
+        if has_valid:
+            valid.update(retrieval_metrics(self.model, self.data, self.spec, self._rows("valid").get("interactions"),
+                                           cfg.train.eval_batch_size, self.device))
         metric = cfg.train.early_stopping.metric if cfg.train.early_stopping else "auto"
         score = selection_score(valid, self.spec, metric) if valid else float("nan")
         p = self.progress
@@ -459,16 +531,27 @@ class Trainer:
                                       cfg.train.eval_batch_size, self.device))
         self.diagnostics.on_fit_end(predictions)
         valid = self.progress.history[self.progress.best_epoch - 1]["valid"] if self.progress.history else {}
-        from mtlrec.recommend import ranking_report, save_serving_state
+        from mtlrec.recommend import (
+            ranking_report,
+            save_serving_state,
+            stream_ranking_report,
+            stream_serving_state,
+        )
 
-        save_serving_state(self.out_dir, self.schema, self.data, self.split)
+        if self.stream is not None:
+            state = stream_serving_state(self.stream, self.spec, collect_seen=cfg.recommend.exclude_seen)
+            state.save(self.out_dir)
+            ranking = stream_ranking_report(self.model, self.stream, state, self.spec, cfg, self.device)
+        else:
+            save_serving_state(self.out_dir, self.schema, self.data, self.split)
+            ranking = ranking_report(self.model, self.data, self.spec, self.split, cfg, self.device)
         metrics: dict[str, Any] = {
             "tasks": {t.name: {"kind": t.kind, "type": t.type, "valid": valid.get(t.name, {}),
                                "test": test.get(t.name, {})} for t in self.spec.tasks},
-            "ranking": ranking_report(self.model, self.data, self.spec, self.split, cfg, self.device),
+            "ranking": ranking,
             "best_epoch": self.progress.best_epoch,
             "epochs_run": self.progress.epoch,
-            "split_sizes": self.split.sizes(),
+            "split_sizes": self._split_sizes(),
             "train_seconds": round(seconds, 2),
         }
         ckpt.atomic_write_text(self.out_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=2))
