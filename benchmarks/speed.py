@@ -179,7 +179,8 @@ def _profile(step: Any, sampler: Any, steps: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr, flush=True)
 
 
-def _library(data: Path, model_name: str, threads: int, work: Path, profile_steps: int = 0) -> dict[str, Any]:
+def _library(data: Path, model_name: str, threads: int, work: Path, profile_steps: int = 0,
+             overrides: Sequence[str] = ()) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -190,7 +191,7 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
     from mtlrec.training.trainer import Trainer, train_step
 
     rss_imports = _rss_mb()
-    cfg, base = load_config(ctr_config(data, model_name), [f"train.threads={threads}"])
+    cfg, base = load_config(ctr_config(data, model_name), [f"train.threads={threads}", *overrides])
     trainer = Trainer(cfg, base, work / f"library-{model_name}")
     trainer.prepare()
     model, spec = trainer.model, trainer.spec
@@ -263,7 +264,7 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
     }
 
 
-def _cli(data: Path, model_name: str, threads: int, work: Path) -> dict[str, Any]:
+def _cli(data: Path, model_name: str, threads: int, work: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     import yaml
 
     from mtlrec.data.ctr import ctr_config
@@ -271,7 +272,8 @@ def _cli(data: Path, model_name: str, threads: int, work: Path) -> dict[str, Any
     config = work / f"cli-{model_name}.yaml"
     config.write_text(yaml.safe_dump(ctr_config(data, model_name)))
     out = work / f"cli-{model_name}"
-    command = [sys.executable, "-m", "mtlrec", "train", str(config), "--out", str(out), f"train.threads={threads}"]
+    command = [sys.executable, "-m", "mtlrec", "train", str(config), "--out", str(out), f"train.threads={threads}",
+               *overrides]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     metrics = json.loads((out / "metrics.json").read_text())
     history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
@@ -387,9 +389,9 @@ def _worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     if args.worker == "library":
-        result = _library(Path(args.data), args.model, args.threads, work, args.profile)
+        result = _library(Path(args.data), args.model, args.threads, work, args.profile, args.set)
     elif args.worker == "cli":
-        result = _cli(Path(args.data), args.model, args.threads, work)
+        result = _cli(Path(args.data), args.model, args.threads, work, args.set)
     elif args.worker == "stream":
         result = _stream(Path(args.data), args.model, args.threads, work)
     else:
@@ -397,11 +399,12 @@ def _worker(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def _run_worker(kind: str, data: Path, work: Path, threads: int, model: str = "", profile: int = 0
-                ) -> dict[str, Any]:
+def _run_worker(kind: str, data: Path, work: Path, threads: int, model: str = "", profile: int = 0,
+                overrides: Sequence[str] = ()) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--work", str(work),
-               "--threads", str(threads), "--profile", str(profile)] + (["--model", model] if model else [])
+               "--threads", str(threads), "--profile", str(profile)] + (["--model", model] if model else []) + \
+        [arg for o in overrides for arg in ("--set", o)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if profile and kind == "library":
         print(f"profile of {profile} training steps of {model}:\n{done.stderr}", flush=True)
@@ -434,6 +437,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--work", type=Path, help="folder for the data and runs (default: a temporary one)")
     parser.add_argument("--no-cli", action="store_true", help="skip the `mtlrec train` measurement")
     parser.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every mtlrec run (library and cli), e.g. "
+                             "train.sparse_embeddings=on; repeatable")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="print torch.profiler's top operators over STEPS training steps of each model")
     parser.add_argument("--stream-rows", default="",
@@ -470,15 +476,18 @@ def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
         write_ctr_parquet(data, args.rows, seed=0)
     print(f"data: {data} ({args.rows:,} rows); threads {args.threads}; torch {torch.__version__}", flush=True)
     torch.set_num_threads(args.threads)
+    if args.set:
+        print(f"config overrides: {' '.join(args.set)}", flush=True)
     results: dict[str, Any] = {"rows": args.rows, "threads": args.threads, "torch": torch.__version__,
+                               "overrides": args.set,
                                "models": {}, "peers": {}}
     for name in models:
-        lib = _run_worker("library", data, work, args.threads, name, args.profile)
+        lib = _run_worker("library", data, work, args.threads, name, args.profile, args.set)
         train_rate = sum(lib["train_matmul_gflops_measured"]) / 2
         infer_rate = sum(lib["infer_matmul_gflops_measured"]) / 2
         lib.update(summarize(lib, train_rate, infer_rate))
         if not args.no_cli:
-            cli = _run_worker("cli", data, work, args.threads, name)
+            cli = _run_worker("cli", data, work, args.threads, name, overrides=args.set)
             lib["cli_train_samples_per_second"] = cli["train_samples_per_second"]
             lib["cli_ratio"] = cli["train_samples_per_second"] / lib["train_samples_per_second"]
         results["models"][name] = lib
