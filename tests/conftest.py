@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -94,3 +95,32 @@ def config_dict() -> dict[str, Any]:
 def make_tables() -> Any:
     """The tiny-world factory: make_tables(seed=0, n=400, n_users=30, n_items=40) -> Tables."""
     return tiny_tables
+
+
+class Crash(Exception):
+    """Raised by `crash_after_checkpoints` to stand for a process dying."""
+
+
+def crash_after_checkpoints(trainer: Any, n: int) -> None:
+    """Make `trainer` die (raise `Crash`) right after writing its n-th checkpoint."""
+    original = trainer._save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_crash(name: str = "last") -> None:
+        original(name)
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Crash
+
+    trainer._save_checkpoint = save_then_crash
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and CI machines are shared (use per module)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from conftest import Crash, crash_after_checkpoints
 from mtlrec.config import config_from_dict, load_config
 from mtlrec.data.batch import Batch
 from mtlrec.data.ctr import CtrShape, ctr_config, write_ctr_parquet
@@ -304,20 +305,8 @@ def test_a_streamed_run_resumes_mid_epoch_exactly(ctr_log: Path, tmp_path: Path)
     train(raw, tmp_path / "straight")
     cfg, base = load_config(raw)
 
-    class Crash(Exception):
-        pass
-
     trainer = Trainer(cfg, base, tmp_path / "crashed")
-    original = trainer._save_checkpoint
-    calls = {"n": 0}
-
-    def save_then_crash(name: str = "last") -> None:
-        original(name)
-        calls["n"] += 1
-        if calls["n"] == 6:  # step 24: epoch 0 has 33 batches of 64, so inside its later buffers
-            raise Crash
-
-    trainer._save_checkpoint = save_then_crash  # type: ignore[method-assign]
+    crash_after_checkpoints(trainer, 6)  # step 24: epoch 0 has 33 batches of 64, so inside its later buffers
     with pytest.raises(Crash):
         trainer.fit()
     train(raw, tmp_path / "crashed", resume=True)

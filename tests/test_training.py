@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import Crash, crash_after_checkpoints
 from mtlrec.config import ModelConfig, config_from_dict
 from mtlrec.data.dataset import EncodedData
 from mtlrec.data.schema import Schema
@@ -127,20 +128,8 @@ def test_resume_mid_epoch_checkpoint(world_config: Path, tmp_path: Path) -> None
 
     cfg, base = load_config(world_config, [*common, "train.epochs=1"])
 
-    class Crash(Exception):
-        pass
-
     trainer = Trainer(cfg, base, tmp_path / "crashed")
-    original = trainer._save_checkpoint
-    calls = {"n": 0}
-
-    def save_then_crash(name: str = "last") -> None:
-        original(name)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise Crash
-
-    trainer._save_checkpoint = save_then_crash  # type: ignore[method-assign]
+    crash_after_checkpoints(trainer, 1)
     with pytest.raises(Crash):
         trainer.fit()
     train(world_config, tmp_path / "crashed", [*common, "train.epochs=1"], resume=True)
