@@ -11,8 +11,6 @@ the last 20 clicked items and two binary labels (click, purchase after click).
 from __future__ import annotations
 
 import argparse
-import resource
-import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -25,6 +23,7 @@ from mtlrec.config import Config, config_from_dict
 from mtlrec.data.schema import Schema
 from mtlrec.data.split import split_tables
 from mtlrec.data.tables import Tables, validate_tables
+from mtlrec.memory import peak_rss_mb
 
 T = TypeVar("T")
 
@@ -78,17 +77,11 @@ def make_config() -> Config:
     })
 
 
-def peak_rss_gib() -> float:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**30 if sys.platform == "darwin" else 2**20)
-
-
 def timed(label: str, rows: int, fn: Callable[[], T]) -> T:
     start = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - start
-    print(f"{label:<10} {seconds:8.2f} s  {rows / seconds:14,.0f} rows/s  peak RSS {peak_rss_gib():6.2f} GiB",
+    print(f"{label:<10} {seconds:8.2f} s  {rows / seconds:14,.0f} rows/s  peak RSS {peak_rss_mb() / 1024:6.2f} GiB",
           flush=True)
     return out
 
@@ -124,7 +117,7 @@ def main() -> None:
                  for t in group.values())
     print(f"rows {args.rows:,}; encoded interaction tensors {nbytes / 2**30:.2f} GiB; "
           f"users {data.num_rows('users'):,}, items {data.num_rows('items'):,}; "
-          f"peak RSS {peak_rss_gib():.2f} GiB")
+          f"peak RSS {peak_rss_mb() / 1024:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from mtlrec.memory import rss_mb
+
 KEY = "benchmark-key-0123456789abcdef"
 SMALL = ["train.epochs=1", "train.progress=false", "model.embedding_dim=8", "model.encoder_dim=16",
          "model.expert_hidden=[16]", "model.tower_hidden=[8]", "model.head_hidden=[8]"]
@@ -101,14 +103,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of a process (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def start_server(run: Path, port: int, retrieval: int | None, torch_threads: int) -> subprocess.Popen[bytes]:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -52,44 +51,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mtlrec.memory import high_water_mb, peak_rss_mb, release_freed_memory, reset_peak_rss, rss_mb
+
 MODELS = ("mmoe", "shared_bottom", "ple")
 PEERS = {"torch_rechub": "torch-rechub", "deepctr_torch": "DeepCTR-Torch"}
-
-
-def _rss_mb() -> float:
-    """Current resident set size (Linux /proc; 0 where unavailable)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return 0.0
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0: clear_refs 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _high_water_mb() -> float:
-    """VmHWM: peak RSS since the last reset (or since the start)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return _peak_rss_mb()
 
 
 def _tensor_mb(tensors: Any) -> float:
@@ -186,11 +151,10 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
 
     from mtlrec.config import load_config
     from mtlrec.data.ctr import ctr_config
-    from mtlrec.memory import release_freed_memory
     from mtlrec.training.evaluate import metrics_of, predict_split
     from mtlrec.training.trainer import Trainer, train_step
 
-    rss_imports = _rss_mb()
+    rss_imports = rss_mb()
     cfg, base = load_config(ctr_config(data, model_name), [f"train.threads={threads}", *overrides])
     trainer = Trainer(cfg, base, work / f"library-{model_name}")
     trainer.prepare()
@@ -226,15 +190,15 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
     # machine shared with other jobs slows both sides of the ratio alike.
     train_matmul = [matmul_rate(train_shapes)]
     release_freed_memory()  # the replayed matmuls' buffers are not the training's
-    rss_before_training = _rss_mb()
-    _reset_peak_rss()
+    rss_before_training = rss_mb()
+    reset_peak_rss()
     started = time.perf_counter()
     rows_seen = 0
     for rows in sampler.epoch(0):
         rows_seen += len(rows)
         train_step(model, [trainer.data.batch(source, rows)], *args)
     train_rate = rows_seen / (time.perf_counter() - started)
-    peak_training = _high_water_mb()
+    peak_training = high_water_mb()
     train_matmul.append(matmul_rate(train_shapes))
 
     infer_matmul = [matmul_rate(infer_shapes)]
@@ -255,7 +219,7 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
         "rss_after_imports_mb": rss_imports,
         "rss_before_training_mb": rss_before_training,
         "peak_rss_training_mb": peak_training,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "encoded_data_mb": _tensor_mb([vars(s) for s in trainer.data.sources.values()]),
         "parameters_mb": _tensor_mb(list(model.parameters())),
         "optimizer_state_mb": _tensor_mb(optim_state),
@@ -288,7 +252,7 @@ def _stream(data: Path, model_name: str, threads: int, work: Path) -> dict[str, 
     from mtlrec.data.ctr import ctr_config
     from mtlrec.training.trainer import Trainer
 
-    rss_imports = _rss_mb()
+    rss_imports = rss_mb()
     overrides = [f"train.threads={threads}", "data.stream=true", "data.stream_buffer_rows=1000000",
                  "train.diagnostics_every=0"]
     cfg, base = load_config(ctr_config(data, model_name), overrides)
@@ -297,7 +261,7 @@ def _stream(data: Path, model_name: str, threads: int, work: Path) -> dict[str, 
     return {"model": model_name, "train_samples_per_second": result.history[-1]["train_samples_per_second"],
             "split_sizes": result.metrics["split_sizes"]["interactions"],
             "auc": {t: m["test"]["auc"] for t, m in result.metrics["tasks"].items()},
-            "rss_after_imports_mb": rss_imports, "peak_rss_mb": _peak_rss_mb(),
+            "rss_after_imports_mb": rss_imports, "peak_rss_mb": peak_rss_mb(),
             "run_seconds": time.perf_counter() - started}
 
 
@@ -378,7 +342,7 @@ def _reference(data: Path, threads: int) -> dict[str, Any]:
     p_ctr, p_cvr = (torch.cat(o).numpy() for o in outs)
     clicked = click[test].numpy() == 1
     return {"model": "reference mmoe", "train_samples_per_second": train_rate,
-            "infer_samples_per_second": infer_rate, "peak_rss_mb": _peak_rss_mb(),
+            "infer_samples_per_second": infer_rate, "peak_rss_mb": peak_rss_mb(),
             "auc": {"click": float(roc_auc_score(click[test].numpy(), p_ctr)),
                     "purchase": float(roc_auc_score(buy[test].numpy()[clicked], p_cvr[clicked]))}}
 

@@ -1,10 +1,15 @@
-"""Give memory that Python has freed back to the operating system."""
+"""Process memory: what the OS counts (RSS, its peak), and giving freed memory back to it.
+
+The measurements read Linux's /proc and return NaN where it is missing; benchmarks use them.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import gc
+import math
+import resource
 import sys
 
 
@@ -31,3 +36,40 @@ def release_freed_memory() -> None:
                 trim(0)
         except OSError:
             pass
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident set size of a process (VmRSS), in MiB; NaN without /proc."""
+    return _status_mb(pid, "VmRSS:")
+
+
+def high_water_mb(pid: int | str = "self") -> float:
+    """Peak RSS of a process since it started or since `reset_peak_rss` (VmHWM), in MiB; NaN without /proc."""
+    return _status_mb(pid, "VmHWM:")
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process over its whole life (getrusage; KiB on Linux, bytes on macOS), in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _status_mb(pid: int | str, field: str) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
