@@ -400,7 +400,11 @@ class InteractionStream:
         for i in range(g, len(groups)):
             if counts[i] == 0:
                 continue
-            chunk = self.encoded(self.log.groups[groups[i]], 0)
+            group = self.log.groups[groups[i]]
+            chunk = self.encoded(group, 0)
+            if chunk.num_rows != counts[i]:
+                raise DataError(f"data.interactions: {self.log.label(group)} holds {chunk.num_rows} training rows, "
+                                f"but held {counts[i]} when the run started; the files changed while training")
             at, skip = skip, 0
             while at < chunk.num_rows:
                 if filling is None:
@@ -414,9 +418,6 @@ class InteractionStream:
                     index += 1
                     filling = None
             del chunk
-        if filling is not None:
-            raise DataError(f"data.interactions: '{self.log.path}' holds fewer training rows than when the run "
-                            "started; the files changed while training")
 
     def _shuffled(self, source: SourceData, epoch: int, rank: int, index: int) -> _Buffer:
         order = torch.from_numpy(_generator(self.seed, epoch, rank, index).permutation(source.num_rows))
