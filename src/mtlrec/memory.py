@@ -13,14 +13,16 @@ import resource
 import sys
 
 
-def release_freed_memory() -> None:
-    """Collect garbage, then ask the allocators to return freed pages to the OS.
+def release_freed_memory(collect: bool = True) -> None:
+    """Collect garbage (unless `collect` is False), then ask the allocators to return freed pages to the OS.
 
     Reading a table through pyarrow and pandas leaves a few hundred MB of freed heap behind (glibc
     keeps freed blocks for reuse); after encoding, the raw tables are gone and training should not
     carry their footprint. `malloc_trim` exists on glibc only; elsewhere this just collects.
+    A thread beside training passes `collect=False`: a collection holds the GIL for its duration.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         import pyarrow as pa
 

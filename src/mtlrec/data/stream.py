@@ -43,6 +43,7 @@ from mtlrec.data.dataset import EncodedData, SourceData
 from mtlrec.data.split import PARTS, hash_parts, order_keys, time_parts, time_thresholds
 from mtlrec.data.tables import Tables, load_tables, timestamps
 from mtlrec.errors import ConfigError, DataError
+from mtlrec.memory import release_freed_memory
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -400,7 +401,11 @@ class InteractionStream:
         for i in range(g, len(groups)):
             if counts[i] == 0:
                 continue
-            chunk = self.encoded(self.log.groups[groups[i]], 0)
+            group = self.log.groups[groups[i]]
+            chunk = self.encoded(group, 0)
+            if chunk.num_rows != counts[i]:
+                raise DataError(f"data.interactions: {self.log.label(group)} holds {chunk.num_rows} training rows, "
+                                f"but held {counts[i]} when the run started; the files changed while training")
             at, skip = skip, 0
             while at < chunk.num_rows:
                 if filling is None:
@@ -413,10 +418,10 @@ class InteractionStream:
                     row += filling.size
                     index += 1
                     filling = None
+                    # Row groups' temporaries fragment this thread's heap; return it once a buffer,
+                    # or the process's RSS drifts with the number of buffers read.
+                    release_freed_memory(collect=False)
             del chunk
-        if filling is not None:
-            raise DataError(f"data.interactions: '{self.log.path}' holds fewer training rows than when the run "
-                            "started; the files changed while training")
 
     def _shuffled(self, source: SourceData, epoch: int, rank: int, index: int) -> _Buffer:
         order = torch.from_numpy(_generator(self.seed, epoch, rank, index).permutation(source.num_rows))
@@ -479,6 +484,7 @@ class InteractionStream:
                 source = self.encoded(self.log.groups[g], code)
                 yield EncodedData(self.catalogue.spec, self.catalogue.users, self.catalogue.items,
                                   {"interactions": source})
+                release_freed_memory(collect=False)  # as in `_buffers`: no drift with the row groups read
 
         for data in prefetch(chunks):
             n = data.num_rows("interactions")

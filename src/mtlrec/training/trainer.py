@@ -272,6 +272,7 @@ class Trainer:
         self.data = self.schema.encode_catalogue(tables)
         self.stream = InteractionStream(log, interaction_split, self.schema, self.data, cfg.train.batch_size,
                                         cfg.data.stream_buffer_rows, cfg.train.seed)
+        release_freed_memory()  # the fit pass's row groups are gone; training should not carry their heap
 
     def _rows(self, part: str) -> dict[str, np.ndarray]:
         """Rows of `part` of every source held in memory (streamed interactions are read as they go)."""
@@ -317,6 +318,9 @@ class Trainer:
         local = predict_split(self.model, self.data, self.spec, rows, size, self.device)
         predictions = self.replicas.gather_predictions(local, self.spec.tasks)
         if self.stream is not None and "interactions" in self.sources:
+            # The epoch's buffers are gone: give their heap back before the predictions (which grow with
+            # the part's rows) and the metrics' sorts are allocated on top of it.
+            release_freed_memory()
             predictions.update(predict_batches(self.model, self.spec, self.stream.batches(part, size), self.device))
         return predictions
 
