@@ -2,9 +2,12 @@
 
     python benchmarks/distributed.py                    # the synthetic world of `mtlrec demo`, 1 epoch
     python benchmarks/distributed.py --nproc 2 --users 1000 --json scaling.json
+    python benchmarks/distributed.py --stream-rows 1000000 --no-threads   # streamed from Parquet
 
 Writes the synthetic world to a temporary folder and trains its config (PLE, all four task kinds)
-for one epoch with `mtlrec train`, three ways:
+for one epoch with `mtlrec train`; with `--stream-rows N`, writes instead the speed benchmark's
+CTR log of N rows to Parquet (row groups of N/8 rows) and trains its MMoE with `data.stream: true`,
+each process reading its own row groups. Three ways:
 
     1 process x 1 thread      the baseline
     1 process x N threads     the same cores used by intra-op threads instead
@@ -28,6 +31,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from mtlrec.data.ctr import ctr_config, write_ctr_parquet
 from mtlrec.data.synthetic import make_world
 
 
@@ -52,6 +58,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="processes (and threads) to compare with one")
     parser.add_argument("--users", type=int, default=2000, help="users of the synthetic world (60 rows each)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stream-rows", type=int, default=0,
+                        help="stream a CTR log of this many rows from Parquet instead of the synthetic world")
     parser.add_argument("--no-threads", action="store_true", help="skip the 1 process x N threads run")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.batch_size=1024")
@@ -60,7 +68,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     load = os.getloadavg()     # other work on the same cores bounds every figure: say how much there was
     with tempfile.TemporaryDirectory(prefix="mtlrec-dist-") as tmp:
         folder = Path(tmp)
-        config = make_world(seed=args.seed, n_users=args.users).write(folder / "world")
+        if args.stream_rows:
+            log = write_ctr_parquet(folder / "ctr.parquet", args.stream_rows, seed=args.seed,
+                                    row_group_rows=max(1, args.stream_rows // 8))
+            raw = ctr_config(log, "mmoe")
+            raw["data"]["stream"] = True
+            config = folder / "ctr.yaml"
+            config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        else:
+            config = make_world(seed=args.seed, n_users=args.users).write(folder / "world")
         runs = [train_once(config, folder / "p1t1", 1, 1, args.overrides)]
         if not args.no_threads:
             runs.append(train_once(config, folder / f"p1t{args.nproc}", 1, args.nproc, args.overrides))

@@ -213,11 +213,35 @@ def test_an_epoch_reads_every_training_row_once_and_ranks_split_them(log_folder:
     second = rows_of(trainer, stream.epoch(1))
     assert sorted(second) == expected and second != seen
 
-    for world_size in (2, 3):
-        shares = [rows_of(trainer, stream.epoch(2, rank, world_size)) for rank in range(world_size)]
+    for world_size in (2, 3, 7):
+        epochs = [list(stream.epoch(2, rank, world_size)) for rank in range(world_size)]
+        shares = [rows_of(trainer, batches) for batches in epochs]
         union = [row for share in shares for row in share]
         assert sorted(union) == expected  # disjoint, and together every training row
-        assert [len(s) for s in shares] == [stream.num_rows("train", 2, r, world_size) for r in range(world_size)]
+        assert [len(s) for s in shares] == [stream.share(2, r, world_size).rows for r in range(world_size)]
+        # Every rank steps num_batches times, on its part of each global batch.
+        assert {len(batches) for batches in epochs} == {stream.num_batches(2)}
+        for step in range(stream.num_batches(2) - 1):
+            assert sum(len(batches[step]) for batches in epochs) == 32
+
+
+def test_ranks_read_only_their_row_groups_and_pad_an_empty_last_part(log_folder: Path, tmp_path: Path) -> None:
+    trainer = prepared(log_config(log_folder), tmp_path / "run")
+    stream = trainer.stream
+    assert stream is not None
+    total = stream.num_rows("train")
+    batch = total - 1  # the second global batch holds one row: one rank has no part of it
+    odd = InteractionStream(stream.log, stream.split, stream.schema, stream.catalogue, batch, 64, stream.seed)
+    shares = [odd.share(0, rank, 2) for rank in range(2)]
+    assert [s.rows for s in shares] == [-(-batch // 2) + 1, batch // 2]
+    groups = [{g for g, _, _ in s.segments} for s in shares]
+    assert len(groups[0] & groups[1]) <= 1  # only a boundary row group is read by both ranks
+    assert len(groups[0] | groups[1]) == int((stream.split.counts[:, 0] > 0).sum())
+    second = list(odd.epoch(0, 1, 2))
+    assert len(second) == 2 and len(second[1]) == 1
+    assert not any(mask.any() for mask in second[1].masks.values())  # a padding step adds no loss
+    with pytest.raises(DataError, match="fewer than the 1000 processes"):
+        stream.share(0, 0, 1000)
 
 
 def test_the_stream_resumes_mid_epoch_exactly(log_folder: Path, tmp_path: Path) -> None:
@@ -228,16 +252,21 @@ def test_the_stream_resumes_mid_epoch_exactly(log_folder: Path, tmp_path: Path) 
         return InteractionStream(stream.log, stream.split, stream.schema, stream.catalogue, batch_size, 64,
                                  stream.seed)
 
-    straight = rows_of(trainer, stream.epoch(0))
-    for drawn in (1, 2, 5):  # inside the first buffer, at a buffer boundary, inside a later one
-        first = fresh()
-        iterator = first.epoch(0)
-        head = rows_of(trainer, [next(iterator) for _ in range(drawn)])
-        state = first.state_dict()
-        iterator.close()  # a crash: the reading thread stops
-        resumed = fresh()
-        resumed.load_state_dict(state)
-        assert head + rows_of(trainer, resumed.epoch(0)) == straight
+    for rank, world_size in ((0, 1), (1, 2)):
+        straight = rows_of(trainer, fresh().epoch(0, rank, world_size))
+        for drawn in (1, 2, 5):  # inside the first buffer, at a buffer boundary, inside a later one
+            first = fresh()
+            iterator = first.epoch(0, rank, world_size)
+            head = rows_of(trainer, [next(iterator) for _ in range(drawn)])
+            state = first.state_dict()  # every rank is at the same step: rank 0's state resumes them all
+            iterator.close()  # a crash: the reading thread stops
+            resumed = fresh()
+            resumed.load_state_dict(state)
+            assert head + rows_of(trainer, resumed.epoch(0, rank, world_size)) == straight
+    with pytest.raises(DataError, match="mid-epoch for 2 processes, not 3"):
+        again = fresh()
+        again.load_state_dict(state)
+        next(again.epoch(0, 0, 3))
     with pytest.raises(DataError, match="batch_size"):
         fresh(16).load_state_dict(state)
 

@@ -10,14 +10,18 @@ memory depends on the row-group and buffer sizes, never on the number of rows.
   passes over the timestamp column find exactly (the same rows as the in-memory time split).
 - **Fit**: `Schema.fit_stream` over the training rows, one pass (vocabulary counts merged per
   row group, numeric moments accumulated).
-- **Training** (`InteractionStream.epoch`): row groups are shuffled per epoch (seed, epoch) and
-  dealt to ranks (`rank`, `world_size`): each rank reads a disjoint set and an epoch covers every
-  training row exactly once across ranks. A rank's training rows, in its row groups' order, are
+- **Training** (`InteractionStream.epoch`): row groups are shuffled per epoch (seed, epoch); under
+  several processes, the epoch's training rows in that order are cut into one contiguous range per
+  rank (`share`), sized so that each rank holds its part of every global batch: every rank steps
+  the same number of times (as DDP needs), the ranges are disjoint, and together they cover every
+  training row exactly once. A rank reads only the row groups of its range (a group on the
+  boundary of two ranges is read by both, each keeping its own rows). A rank's training rows are
   cut into buffers of `data.stream_buffer_rows` rows (rounded up to whole batches); each buffer
   is shuffled and cut into batches. A background thread reads and encodes the next buffer while
   the current one trains (pyarrow, pandas and numpy release the GIL for most of that work).
-  `state_dict()` records the batches drawn, so training resumes mid-epoch exactly.
-- **Evaluation** (`InteractionStream.batches`): one part's rows in file order, for predictions.
+  `state_dict()` records the steps taken, so training resumes mid-epoch exactly.
+- **Evaluation** (`InteractionStream.batches`): one part's rows in file order, for predictions;
+  under several processes each rank predicts a contiguous run of row groups.
 
 Not streamable (the config refuses them): sequence features and the `leave_last_out` split,
 which need each user's whole log in time order.
@@ -40,6 +44,7 @@ import torch
 from mtlrec.config import Config
 from mtlrec.data.batch import Batch
 from mtlrec.data.dataset import EncodedData, SourceData
+from mtlrec.data.sharding import check_rank, shard, shard_bounds
 from mtlrec.data.split import PARTS, hash_parts, order_keys, time_parts, time_thresholds
 from mtlrec.data.tables import Tables, load_tables, timestamps
 from mtlrec.errors import ConfigError, DataError
@@ -311,6 +316,32 @@ class _Filling:
         return out
 
 
+def _size(bounds: tuple[int, int]) -> int:
+    return bounds[1] - bounds[0]
+
+
+@dataclass(frozen=True)
+class Share:
+    """What one rank trains on in one epoch (`InteractionStream.share`).
+
+    Attributes:
+        segments: (row group, first, stop): runs of the row groups' training rows (positions among a
+            group's training rows, in file order), in reading order.
+        batch_size: the rank's part of a full global batch.
+        rows: training rows of the rank in the epoch.
+        steps: the epoch's global batches, the same on every rank.
+    """
+
+    segments: list[tuple[int, int, int]]
+    batch_size: int
+    rows: int
+    steps: int
+
+    def buffer_rows(self, wanted: int) -> int:
+        """Rows of a shuffle buffer: `wanted` rounded up to whole batches of this rank."""
+        return math.ceil(wanted / self.batch_size) * self.batch_size
+
+
 @dataclass
 class _Buffer:
     """One shuffled buffer: its encoded rows and the order to draw them in."""
@@ -347,7 +378,7 @@ class InteractionStream:
         self.columns = stream_columns(schema.config, log)
         self._epoch = 0
         self._position = 0
-        self._world = (0, 1)
+        self._world_size = 1
 
     # -- reading -------------------------------------------------------------------------------
     def chunk(self, group: RowGroup, part: int, columns: list[str] | None = None) -> pd.DataFrame:
@@ -368,49 +399,74 @@ class InteractionStream:
         return self.schema.encode_interactions(self.chunk(group, part), self.catalogue, self.log.label(group))
 
     # -- training ------------------------------------------------------------------------------
-    def groups_of(self, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Row groups (indices into `log.groups`) that `rank` reads in `epoch`, in reading order.
+    def group_order(self, epoch: int) -> np.ndarray:
+        """Row groups (indices into `log.groups`) in the order epoch `epoch` reads them: a permutation
+        drawn from (seed, epoch), the same on every rank."""
+        return _generator(self.seed, epoch).permutation(len(self.log.groups))
 
-        Every rank draws the same permutation (seed, epoch) and takes every `world_size`-th group
-        from position `rank`: the ranks' sets are disjoint and together hold every row group.
+    def num_rows(self, part: str = "train") -> int:
+        """Rows of `part` (0 train, 1 valid, 2 test) over the whole log."""
+        return int(self.split.counts[:, PARTS.index(part)].sum())
+
+    def num_batches(self, epoch: int = 0) -> int:
+        """Training steps of an epoch: the global batches of its rows (the last may be short), the
+        same on every rank."""
+        return -(-self.num_rows("train") // self.batch_size)
+
+    def share(self, epoch: int, rank: int = 0, world_size: int = 1) -> Share:
+        """What `rank` of `world_size` trains on in `epoch` (see `Share`).
+
+        The epoch's training rows, in `group_order`, are cut into one contiguous range per rank,
+        sized so that every rank holds its part of every global batch: rank r's part of a batch of
+        b rows is `shard_bounds(b, r, world_size)`, as for data held in memory. The ranges are
+        disjoint and cover every training row once; all ranks step the same number of times.
         """
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of world_size {world_size}")
-        order = _generator(self.seed, epoch).permutation(len(self.log.groups))
-        return [int(g) for g in order[rank::world_size]]
+        check_rank(rank, world_size)
+        steps = self.num_batches(epoch)
+        total = self.num_rows("train")
+        if total < world_size:
+            raise DataError(f"data.interactions has {total} training rows, fewer than the {world_size} processes; "
+                            "train with fewer processes")
+        last = total - (steps - 1) * self.batch_size
 
-    def num_rows(self, part: str = "train", epoch: int = 0, rank: int = 0, world_size: int = 1) -> int:
-        """Rows of `part` that `rank` reads in `epoch` (all of them with the default single rank)."""
-        column = PARTS.index(part)
-        return int(self.split.counts[self.groups_of(epoch, rank, world_size), column].sum())
+        def rows(q: int) -> int:
+            return (steps - 1) * _size(shard_bounds(self.batch_size, q, world_size)) + \
+                _size(shard_bounds(last, q, world_size))
 
-    def num_batches(self, epoch: int = 0, rank: int = 0, world_size: int = 1) -> int:
-        """Training batches of `rank` in `epoch` (the last may be short)."""
-        return -(-self.num_rows("train", epoch, rank, world_size) // self.batch_size)
-
-    def _buffers(self, groups: list[int], epoch: int, rank: int, first: int) -> Iterator[_Buffer]:
-        """Shuffled buffers `first`, `first` + 1, ... of the rank's training rows."""
-        counts = self.split.counts[groups, 0]
+        first = sum(rows(q) for q in range(rank))
+        stop = first + rows(rank)
+        order = self.group_order(epoch)
+        counts = self.split.counts[order, 0]
         ends = np.cumsum(counts)
-        total = int(ends[-1]) if len(ends) else 0
-        row = first * self.buffer_rows  # first row of the buffer, in the rank's stream of training rows
+        segments = []
+        for g, count, end in zip(order, counts, ends, strict=True):
+            lo, hi = max(first, int(end - count)), min(stop, int(end))
+            if lo < hi:
+                segments.append((int(g), lo - int(end - count), hi - int(end - count)))
+        return Share(segments, _size(shard_bounds(self.batch_size, rank, world_size)), stop - first, steps)
+
+    def _buffers(self, share: Share, epoch: int, rank: int, first: int) -> Iterator[_Buffer]:
+        """Shuffled buffers `first`, `first` + 1, ... of the rank's training rows."""
+        buffer_rows = share.buffer_rows(self.buffer_rows)
+        sizes = np.array([hi - lo for _, lo, hi in share.segments], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        row = first * buffer_rows  # first row of the buffer, in the rank's stream of training rows
         index = first
         filling: _Filling | None = None
-        g = int(np.searchsorted(ends, row, side="right"))
-        skip = row - (int(ends[g - 1]) if g > 0 else 0)
-        for i in range(g, len(groups)):
-            if counts[i] == 0:
-                continue
-            group = self.log.groups[groups[i]]
+        s = int(np.searchsorted(ends, row, side="right"))
+        skip = row - (int(ends[s - 1]) if s > 0 else 0)
+        for g, lo, hi in share.segments[s:]:
+            group = self.log.groups[g]
             chunk = self.encoded(group, 0)
-            if chunk.num_rows != counts[i]:
+            if chunk.num_rows != self.split.counts[g, 0]:
                 raise DataError(f"data.interactions: {self.log.label(group)} holds {chunk.num_rows} training rows, "
-                                f"but held {counts[i]} when the run started; the files changed while training")
-            at, skip = skip, 0
-            while at < chunk.num_rows:
+                                f"but held {self.split.counts[g, 0]} when the run started; the files changed while "
+                                "training")
+            at, skip = lo + skip, 0
+            while at < hi:
                 if filling is None:
-                    filling = _Filling(chunk, min(self.buffer_rows, total - row))
-                take = min(chunk.num_rows - at, filling.size - filling.filled)
+                    filling = _Filling(chunk, min(buffer_rows, share.rows - row))
+                take = min(hi - at, filling.size - filling.filled)
                 filling.add(chunk, at, at + take)
                 at += take
                 if filling.filled == filling.size:
@@ -430,33 +486,45 @@ class InteractionStream:
         return _Buffer(index, data, order)
 
     def epoch(self, epoch: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        """Training batches of `rank` in pass `epoch`, shuffled (see the module docstring).
+        """`rank`'s training batches in pass `epoch`, shuffled (see the module docstring): its part of
+        each of the epoch's `num_batches` global batches.
 
-        If the stream's state is inside this pass (after `load_state_dict`, or an interrupted
-        loop), iteration resumes with the batch that would have come next.
+        A rank whose part of the last global batch is empty (fewer rows in it than ranks) steps on
+        one row of its own with every label masked out (`Batch.unlabelled`). If the stream's state
+        is inside this pass (after `load_state_dict`, or an interrupted loop), iteration resumes
+        with the step that would have come next.
         """
         if epoch != self._epoch:
             self._epoch, self._position = epoch, 0
-        if self._position and self._world != (rank, world_size):
-            raise DataError(f"the stream's state is mid-epoch for rank {self._world[0]} of {self._world[1]}, "
-                            f"not rank {rank} of {world_size}; resume with the same number of processes")
-        self._world = (rank, world_size)
-        groups = self.groups_of(epoch, rank, world_size)
-        per_buffer = self.buffer_rows // self.batch_size
-        first, skip = divmod(self._position, per_buffer)
-        for buffer in prefetch(lambda: self._buffers(groups, epoch, rank, first)):
-            batches = -(-len(buffer.order) // self.batch_size)
+        if self._position and self._world_size != world_size:
+            raise DataError(f"the stream's state is mid-epoch for {self._world_size} processes, not {world_size}; "
+                            "resume with the same number of processes")
+        self._world_size = world_size
+        share = self.share(epoch, rank, world_size)
+        per_buffer = share.buffer_rows(self.buffer_rows) // share.batch_size
+        buffers = -(-share.rows // (per_buffer * share.batch_size))
+        first = min(self._position // per_buffer, buffers - 1)
+        skip = self._position - first * per_buffer
+        last: _Buffer | None = None
+        for buffer in prefetch(lambda: self._buffers(share, epoch, rank, first)):
+            batches = -(-len(buffer.order) // share.batch_size)
             for j in range(skip if buffer.index == first else 0, batches):
-                rows = buffer.order[j * self.batch_size:(j + 1) * self.batch_size]
+                rows = buffer.order[j * share.batch_size:(j + 1) * share.batch_size]
                 self._position += 1
                 yield buffer.data.batch("interactions", rows)
+            last = buffer
+        assert last is not None
+        while self._position < share.steps:
+            self._position += 1
+            yield last.data.batch("interactions", last.order[:1]).unlabelled()
         self._epoch, self._position = epoch + 1, 0
 
     def state_dict(self) -> dict[str, int]:
-        """Where training stands: {'epoch', 'position' (batches drawn), 'rank', 'world_size'} and the
-        settings that must not change on resume."""
-        return {"epoch": self._epoch, "position": self._position, "rank": self._world[0],
-                "world_size": self._world[1], "num_rows": self.num_rows("train"), "batch_size": self.batch_size,
+        """Where training stands: {'epoch', 'position' (steps taken in it), 'world_size'} and the
+        settings that must not change on resume. Every rank is at the same step, so rank 0's state
+        resumes them all."""
+        return {"epoch": self._epoch, "position": self._position, "world_size": self._world_size,
+                "num_rows": self.num_rows("train"), "batch_size": self.batch_size,
                 "buffer_rows": self.buffer_rows, "seed": self.seed}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
@@ -468,16 +536,18 @@ class InteractionStream:
                                 "resume with the same data and settings")
         self._epoch = int(state["epoch"])
         self._position = int(state["position"])
-        self._world = (int(state.get("rank", 0)), int(state.get("world_size", 1)))
+        self._world_size = int(state.get("world_size", 1))
 
     # -- evaluation ----------------------------------------------------------------------------
     def batches(self, part: str, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         """The rows of `part` in file order, in batches of at most `batch_size` (predictions).
 
-        With several ranks, rank r takes every `world_size`-th row group from group r.
+        With several ranks, each takes a contiguous run of the row groups that hold rows of `part`
+        (`shard`): their predictions, gathered in rank order, are in file order, and each row
+        group is cut into the very batches one process cuts.
         """
         code = PARTS.index(part)
-        groups = [g for g in range(rank, len(self.log.groups), world_size) if self.split.counts[g, code]]
+        groups = shard([g for g in range(len(self.log.groups)) if self.split.counts[g, code]], rank, world_size)
 
         def chunks() -> Iterator[EncodedData]:
             for g in groups:

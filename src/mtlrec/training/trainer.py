@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,17 +175,14 @@ class Trainer:
                               f"it must be >= {world}, got {cfg.train.batch_size}")
         self.stream: InteractionStream | None = None
         if cfg.data.stream:
-            if self.replicas.active:
-                raise ConfigError("data.stream: streamed interactions do not train under several processes yet; "
-                                  "set data.stream: false or train in one process")
             if cfg.tasks_of("retrieval"):
                 raise ConfigError("data.stream: a retrieval task needs every interaction's item frequency before "
                                   "training, which streamed interactions do not give yet; set data.stream: false")
-            self._prepare_stream(resume and (self.out_dir / "schema.json").is_file())
+            self._prepare_stream(resume)
         else:
             tables: Tables = load_tables(cfg, self.base_dir, self.given_tables)
             self.split: SplitIndex = split_tables(tables, cfg)
-            self.schema = self._fit_schema(tables, resume)
+            self.schema = self._fit_schema(lambda: Schema(cfg).fit(tables, self.split), resume)
             self.data: EncodedData = self.schema.encode(tables, self.split)
             del tables  # training holds the encoded tensors only
             release_freed_memory()
@@ -227,8 +224,8 @@ class Trainer:
             self.samplers[source] = Sampler(rows, size, seed=cfg.train.seed + 7919 * i, rank=rank, world_size=world)
         self.progress = _Progress()
 
-    def _fit_schema(self, tables: Tables, resume: bool) -> Schema:
-        """The encoders: loaded on resume, else fitted once, by rank 0, and saved to the run.
+    def _fit_schema(self, fit: Callable[[], Schema], resume: bool) -> Schema:
+        """The encoders: loaded on resume, else fitted once (`fit`), by rank 0, and saved to the run.
 
         The other replicas wait for that file and load it, so every replica encodes with the very
         same encoders; the run directory must be on a filesystem every process sees.
@@ -239,7 +236,7 @@ class Trainer:
             return Schema.load(self.out_dir, cfg)
         schema = None
         if self.replicas.is_main:
-            schema = Schema(cfg).fit(tables, self.split)
+            schema = fit()
             schema.save(self.out_dir)
         self.replicas.barrier()
         if schema is None:
@@ -257,18 +254,14 @@ class Trainer:
             return self.data.batch(source, sampler.head()).unlabelled()
         return self.data.batch(source, rows)
 
-    def _prepare_stream(self, reuse_schema: bool) -> None:
+    def _prepare_stream(self, resume: bool) -> None:
         """`data.stream`: the catalogue tables in memory, the interactions read from Parquet as needed."""
         cfg = self.config
         log, tables = open_stream(cfg, self.base_dir, self.given_tables)
         self.split = split_catalogue(tables, cfg)
         interaction_split = StreamSplit(log, cfg)
-        if reuse_schema:
-            self.schema = Schema.load(self.out_dir, cfg)
-        else:
-            self.schema = Schema(cfg).fit_stream(tables, self.split, fit_chunks(log, interaction_split, cfg))
-        if not reuse_schema and self.replicas.is_main:
-            self.schema.save(self.out_dir)
+        self.schema = self._fit_schema(
+            lambda: Schema(cfg).fit_stream(tables, self.split, fit_chunks(log, interaction_split, cfg)), resume)
         self.data = self.schema.encode_catalogue(tables)
         self.stream = InteractionStream(log, interaction_split, self.schema, self.data, cfg.train.batch_size,
                                         cfg.data.stream_buffer_rows, cfg.train.seed)
@@ -297,7 +290,7 @@ class Trainer:
         if self._streamed(self.main_source):
             assert self.stream is not None
             rank, world = self.replicas.rank, self.replicas.world_size
-            return self.stream.num_batches(epoch, rank, world), self.stream.epoch(epoch, rank, world)
+            return self.stream.num_batches(epoch), self.stream.epoch(epoch, rank, world)
         main = self.samplers[self.main_source]
         return len(main), (self._batch(self.main_source, main, rows) for rows in main.epoch(epoch))
 
@@ -307,7 +300,7 @@ class Trainer:
         Each replica predicts a contiguous run of whole evaluation batches, the very batches one
         process would form, and the runs are gathered in rank order: every replica holds,
         bit for bit, the predictions of a single process, and computes the same metrics.
-        Streamed interactions (one process) are read as they go.
+        Streamed interactions are read as they go, each replica a contiguous run of row groups.
         """
         size = self.config.train.eval_batch_size
         rank, world = self.replicas.rank, self.replicas.world_size
@@ -316,13 +309,13 @@ class Trainer:
             first, stop = shard_bounds(-(-len(part_rows) // size), rank, world)
             rows[source] = part_rows[first * size:stop * size]
         local = predict_split(self.model, self.data, self.spec, rows, size, self.device)
-        predictions = self.replicas.gather_predictions(local, self.spec.tasks)
         if self.stream is not None and "interactions" in self.sources:
             # The epoch's buffers are gone: give their heap back before the predictions (which grow with
             # the part's rows) and the metrics' sorts are allocated on top of it.
             release_freed_memory()
-            predictions.update(predict_batches(self.model, self.spec, self.stream.batches(part, size), self.device))
-        return predictions
+            local.update(predict_batches(self.model, self.spec, self.stream.batches(part, size, rank, world),
+                                         self.device))
+        return self.replicas.gather_predictions(local, self.spec.tasks)
 
     def _check_early_stopping_metric(self) -> None:
         stop = self.config.train.early_stopping
