@@ -35,12 +35,16 @@ model and replayed as bare matmuls at `--threads` threads, for 2 s right before 
 timed epoch (and the timed inference), averaged; the headline is the ratio achieved GFLOP/s /
 matmul GFLOP/s (`train_peak_ratio`, `infer_peak_ratio`), which carries across machines.
 
-Peers (torch-rechub, DeepCTR-Torch) run only when importable; otherwise the table says so.
+Peers (torch-rechub, DeepCTR-Torch): when installed, each trains its own MMoE class on the same rows
+and config through its own training path, in a fresh subprocess (`benchmarks/peers.py` says how, and
+where each model departs from the config); printed with mtlrec's MMoE's ratios to it. Otherwise the
+output says they were skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -358,6 +362,10 @@ def _worker(args: argparse.Namespace) -> None:
         result = _cli(Path(args.data), args.model, args.threads, work, args.set)
     elif args.worker == "stream":
         result = _stream(Path(args.data), args.model, args.threads, work)
+    elif args.worker in PEERS:
+        from peers import ADAPTERS  # benchmarks/peers.py, beside this script (a worker runs it as a script)
+
+        result = ADAPTERS[args.worker](Path(args.data), args.threads)
     else:
         result = _reference(Path(args.data), args.threads)
     print("RESULT " + json.dumps(result))
@@ -409,7 +417,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--stream-rows", default="",
                         help="comma-separated row counts: train one epoch of each streamed from Parquet "
                              "(data.stream) and report samples/s and peak RSS")
-    parser.add_argument("--worker", choices=["library", "cli", "stream", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["library", "cli", "stream", "reference", *PEERS],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -470,15 +479,7 @@ def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
                   ", ".join(f"{t} {d:+.4f}" for t, d in lib["auc_minus_reference"].items()))
     if args.stream_rows:
         results["stream"] = _benchmark_stream(args, results, work)
-    for module, label in PEERS.items():
-        try:
-            __import__(module)
-        except ImportError:
-            results["peers"][label] = "skipped (not installed)"
-            print(f"{label}: skipped (not installed)")
-        else:
-            results["peers"][label] = "installed, not run: no adapter for this version"
-            print(f"{label}: installed, but this benchmark has no adapter for it")
+    results["peers"] = _benchmark_peers(results["models"].get("mmoe"), data, work, args.threads)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
@@ -509,6 +510,44 @@ def _benchmark_stream(args: argparse.Namespace, results: dict[str, Any], work: P
               + ", ".join(f"{t} {a:.4f}" for t, a in run["auc"].items()) + f"; run {run['run_seconds']:.0f} s",
               flush=True)
     return out
+
+
+def _benchmark_peers(mmoe: dict[str, Any] | None, data: Path, work: Path, threads: int) -> dict[str, Any]:
+    """Each installed peer's MMoE (benchmarks/peers.py) on the same data, against mtlrec's `mmoe` if measured.
+
+    A peer that is not installed is skipped; one that fails is reported, and the run goes on.
+    """
+    out: dict[str, Any] = {}
+    for module, label in PEERS.items():
+        if importlib.util.find_spec(module) is None:  # found without importing it here
+            out[label] = "skipped (not installed)"
+            print(f"{label}: skipped (not installed)", flush=True)
+            continue
+        try:
+            peer = _run_worker(module, data, work, threads)
+        except RuntimeError as error:
+            out[label] = f"failed: {str(error).strip().splitlines()[-1]}"
+            print(f"{label}: {error}", flush=True)
+            continue
+        print(f"{label} {peer['version']} ({peer['model']}): train {peer['train_samples_per_second']:,.0f} "
+              f"samples/s, infer {peer['infer_samples_per_second']:,.0f} samples/s, peak RSS "
+              f"{peer['peak_rss_mb']:,.0f} MB, {peer['parameters']:,} parameters; AUC "
+              + ", ".join(f"{t} {a:.4f}" for t, a in peer["auc"].items())
+              + f" (purchase by p(purchase) / p(click): {peer['auc_purchase_from_ratio']:.4f})", flush=True)
+        if mmoe is not None:
+            peer.update(compare(mmoe, peer))
+            print(f"    mmoe vs {label}: train x{peer['mmoe_train_ratio']:.2f}, infer x{peer['mmoe_infer_ratio']:.2f}, "
+                  "AUC diff " + ", ".join(f"{t} {d:+.4f}" for t, d in peer["mmoe_auc_minus_peer"].items()),
+                  flush=True)
+        out[label] = peer
+    return out
+
+
+def compare(mmoe: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
+    """mtlrec's MMoE against a peer's: throughput ratios (mtlrec / peer) and AUC differences (mtlrec - peer)."""
+    return {"mmoe_train_ratio": mmoe["train_samples_per_second"] / peer["train_samples_per_second"],
+            "mmoe_infer_ratio": mmoe["infer_samples_per_second"] / peer["infer_samples_per_second"],
+            "mmoe_auc_minus_peer": {t: mmoe["auc"][t] - peer["auc"][t] for t in peer["auc"]}}
 
 
 def _print_model(r: dict[str, Any]) -> None:
