@@ -26,7 +26,8 @@ Every measurement runs in a fresh subprocess, so that its peak RSS is its own:
 - `reference`: a straightforward PyTorch implementation of the same MMoE (one `nn.Embedding` per
   field, eight expert `nn.Sequential`s, `nn.Linear` gates, ESMM loss, `torch.optim.Adam`) on the
   same rows in the same order, as the accuracy reference and the "plain PyTorch" speed reference.
-  Its embeddings start like mtlrec's (N(0, 1/16)), so that only the implementation differs.
+  Its embeddings start like mtlrec's (N(0, model.embedding_init_std)), so that only the implementation
+  differs.
 
 FLOPs per sample are the dense part's matmul FLOPs counted by `torch.utils.flop_counter` on one
 forward pass (2 x multiply-adds), x 3 for training. The matmul rate is measured in the same
@@ -302,7 +303,7 @@ def _reference(data: Path, threads: int) -> dict[str, Any]:
             super().__init__()
             self.embeddings = nn.ModuleList(nn.Embedding(v, 16) for v in shape.vocab_sizes())
             for table in self.embeddings:  # mtlrec's initialisation, so that only the implementation differs
-                nn.init.normal_(table.weight, std=16**-0.5)
+                nn.init.normal_(table.weight, std=cfg.model.embedding_init_std)
             width = 16 * shape.n_categorical + shape.n_dense
             self.experts = nn.ModuleList(nn.Sequential(nn.Linear(width, 256), nn.ReLU(), nn.Linear(256, 128),
                                                        nn.ReLU()) for _ in range(8))

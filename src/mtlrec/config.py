@@ -176,6 +176,7 @@ class ModelConfig(_Strict):
 
     backbone: str = "mmoe"
     embedding_dim: int = Field(16, ge=1)
+    embedding_init_std: float = Field(0.01, gt=0)
     encoder_dim: int | None = Field(32, ge=1)
     encoder_hidden: list[int] = [64]
     numeric_input: Literal["linear", "raw"] = "linear"

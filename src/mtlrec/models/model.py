@@ -206,7 +206,7 @@ class MultiTaskModel(RecModel):
                               f"it has {sorted(spec.vocab_sizes)}")
 
         self.embedding = FeatureEmbedding({v: n for v, n in spec.vocab_sizes.items() if v in vocabs},
-                                          config.embedding_dim, sparse)
+                                          config.embedding_dim, sparse, config.embedding_init_std)
         self.user_encoder = GroupEncoder(user_fields, config, target_vocab) if use_user else None
         self.item_encoder = GroupEncoder(item_fields, config) if use_item else None
         self.context_encoder = GroupEncoder(context_fields, config, target_vocab) if use_context else None
