@@ -209,3 +209,29 @@ class LazyAdam:
             v[rows] = b2 * v[rows] + (1 - b2) * g[rows] ** 2
             step_size = self.lr * (1 - b2**self.t) ** 0.5 / (1 - b1**self.t)
             p[rows] -= step_size * m[rows] / (v[rows].sqrt() + self.eps)
+
+
+def _graph_nodes(tensor: Tensor) -> set[str]:
+    """Names of every autograd node behind `tensor`."""
+    seen: set[str] = set()
+    stack = [tensor.grad_fn]
+    visited = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        seen.add(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return seen
+
+
+def test_experts_relu_in_place_records_no_copy_slices() -> None:
+    """The in-place ReLU runs on the first matmul's own output, not on its per-expert view: on a
+    view, autograd would record a CopySlices, whose backward allocates two more [B, E*H] buffers."""
+    model = ctr_model()
+    out = model(ctr_batch(32, seed=3))
+    nodes = _graph_nodes(out["click"])
+    assert "ReluBackward0" in nodes or "ThresholdBackward1" in nodes
+    assert not {"CopySlices", "AsStridedBackward0"} & nodes, sorted(nodes)
+
