@@ -235,3 +235,18 @@ def test_experts_relu_in_place_records_no_copy_slices() -> None:
     assert "ReluBackward0" in nodes or "ThresholdBackward1" in nodes
     assert not {"CopySlices", "AsStridedBackward0"} & nodes, sorted(nodes)
 
+
+def test_train_step_frees_the_previous_gradients_before_the_forward() -> None:
+    """The previous step's gradients (a dense table's is table-sized) never coexist with the
+    next forward pass's activations."""
+    model = ctr_model()
+    train = TrainConfig(lr=1e-2, weight_decay=0.0, clip_norm=None)
+    weighting = WEIGHTINGS.get("equal")([t.name for t in TASKS])
+    optimizers, clip = build_optimizers(model, weighting, train, torch.device("cpu"))
+    held: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: held.append(
+        sum(p.grad is not None for p in module.parameters())))
+    for step in range(3):
+        train_step(model, [ctr_batch(32, seed=step)], TASKS, weighting, optimizers, clip, None)
+        assert model.embedding.weight.grad is not None  # the step's own gradients stay readable
+    assert held == [0, 0, 0]
