@@ -190,6 +190,7 @@ class Trainer:
             self.schema = self._fit_schema(tables, resume)
             self.data: EncodedData = self.schema.encode(tables, self.split)
             del tables  # training holds the encoded tensors only
+            self.schema.release_lookups()
             release_freed_memory()
         self.spec: InputSpec = self.schema.spec_
         self._check_early_stopping_metric()
