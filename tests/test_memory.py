@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 import sys
 
-from mtlrec.memory import file_rss_mb, heap_free_mb, high_water_mb, release_freed_memory, rss_mb
+from mtlrec.memory import (
+    arrow_allocates_with_malloc,
+    file_rss_mb,
+    heap_free_mb,
+    high_water_mb,
+    release_freed_memory,
+    rss_mb,
+)
 
 
 def test_rss_parts_are_consistent() -> None:
@@ -22,3 +29,17 @@ def test_heap_free_is_a_size_or_unknown() -> None:
     release_freed_memory(collect=False)
     after = heap_free_mb()
     assert math.isnan(after) or after >= 0
+
+
+def test_arrow_allocates_with_malloc_inside_the_block_only() -> None:
+    import pyarrow as pa
+
+    before = pa.default_memory_pool().backend_name
+    with arrow_allocates_with_malloc():
+        assert pa.default_memory_pool().backend_name == "system"
+        with arrow_allocates_with_malloc():
+            held = pa.array(range(100_000))
+        assert pa.default_memory_pool().backend_name == "system"
+    assert pa.default_memory_pool().backend_name == before
+    assert held.sum().as_py() == sum(range(100_000))  # made in the block, used and freed after it
+    del held
