@@ -63,7 +63,6 @@ from typing import Any
 
 from mtlrec.memory import (
     file_rss_mb,
-    heap_free_mb,
     high_water_mb,
     peak_rss_mb,
     release_freed_memory,
@@ -247,7 +246,10 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
     train_rate = rows_seen / (time.perf_counter() - started)
     peak_training = high_water_mb()
     file_training = file_rss_mb()
-    heap_free = heap_free_mb()
+    # What the allocators hold freed but resident at the end of the epoch: what returning it gives back.
+    rss_end = rss_mb()
+    release_freed_memory()
+    freed_resident = rss_end - rss_mb()
     gradients = [p.grad for p in model.parameters() if p.grad is not None]
     train_matmul.append(matmul_rate(train_shapes))
 
@@ -271,7 +273,7 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
         "rss_after_prepare_mb": rss_prepared,
         "rss_before_training_mb": rss_before_training,
         "file_rss_growth_mb": file_training - file_imports,
-        "heap_free_after_training_mb": heap_free,
+        "freed_resident_after_training_mb": freed_resident,
         "peak_rss_training_mb": peak_training,
         "peak_rss_mb": peak_rss_mb(),
         "encoded_data_mb": _tensor_mb([vars(s) for s in trainer.data.sources.values()]),
@@ -638,8 +640,8 @@ def _print_model(r: dict[str, Any]) -> None:
           f"{r['dynamo_import_mb']:.0f} MB of it), after prepare {r['rss_after_prepare_mb']:.0f} MB, before training "
           f"{r['rss_before_training_mb']:.0f} MB, peak while training {r['peak_rss_training_mb']:.0f} MB, "
           f"peak of the process {r['peak_rss_mb']:.0f} MB; library code paged in since the imports "
-          f"{r['file_rss_growth_mb']:.0f} MB; freed heap that malloc keeps after the epoch "
-          f"{r['heap_free_after_training_mb']:.0f} MB", flush=True)
+          f"{r['file_rss_growth_mb']:.0f} MB; freed memory still resident after the epoch "
+          f"{r['freed_resident_after_training_mb']:.0f} MB", flush=True)
     print(f"    data {r['encoded_data_mb']:.0f} + parameters {r['parameters_mb']:.0f} + optimizer state "
           f"{r['optimizer_state_mb']:.0f} = {resident:.0f} MB (gradients {r['gradients_mb']:.0f} MB more); "
           f"training peak - imports = {above:.0f} MB = {above / resident:.2f}x of it "

@@ -8,9 +8,7 @@ import sys
 from mtlrec.memory import (
     arrow_allocates_with_malloc,
     file_rss_mb,
-    heap_free_mb,
     high_water_mb,
-    release_freed_memory,
     rss_mb,
 )
 
@@ -21,14 +19,6 @@ def test_rss_parts_are_consistent() -> None:
         assert 0 < code < rss <= high_water_mb()
     else:  # no /proc
         assert math.isnan(rss) and math.isnan(code)
-
-
-def test_heap_free_is_a_size_or_unknown() -> None:
-    free = heap_free_mb()
-    assert math.isnan(free) or free >= 0
-    release_freed_memory(collect=False)
-    after = heap_free_mb()
-    assert math.isnan(after) or after >= 0
 
 
 def test_arrow_allocates_with_malloc_inside_the_block_only() -> None:

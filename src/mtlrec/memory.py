@@ -76,28 +76,6 @@ def release_freed_memory(collect: bool = True) -> None:
             pass
 
 
-def heap_free_mb() -> float:
-    """Freed memory that glibc's malloc keeps in its heaps for reuse (mallinfo2's fordblks), in MiB.
-
-    Part of it is resident (the pages were written before being freed) until `release_freed_memory`
-    or a later allocation reuses it; NaN without glibc >= 2.33.
-    """
-    if not sys.platform.startswith("linux"):
-        return math.nan
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallinfo2 = libc.mallinfo2
-    except (OSError, AttributeError):
-        return math.nan
-    mallinfo2.restype = _MallInfo2
-    return float(mallinfo2().fordblks) / 2**20
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def rss_mb(pid: int | str = "self") -> float:
     """Resident set size of a process (VmRSS), in MiB; NaN without /proc."""
     return _status_mb(pid, "VmRSS:")
