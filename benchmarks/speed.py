@@ -338,7 +338,7 @@ def _reference(data: Path, threads: int, seeds: int = 3) -> dict[str, Any]:
     from mtlrec.data.schema import Schema
     from mtlrec.data.split import split_tables
     from mtlrec.data.tables import load_tables
-    from mtlrec.models import MultiTaskModel, build_model
+    from mtlrec.models import build_model
 
     torch.set_num_threads(threads)
     cfg, base = load_config(ctr_config(data, "mmoe"))
@@ -387,21 +387,25 @@ def _reference(data: Path, threads: int, seeds: int = 3) -> dict[str, Any]:
         """Copy in the initial weights of mtlrec's model (built as `Trainer.prepare` builds it)."""
         torch.manual_seed(cfg.train.seed)
         ours = build_model(schema.spec_, cfg.model)
-        assert isinstance(ours, MultiTaskModel) and ours.backbone is not None
-        experts, gates = ours.backbone.experts, ours.backbone.gates
-        offsets = dict(zip(ours.embedding.vocab_sizes, ours.embedding.offsets.tolist(), strict=True))
+        theirs = ours.state_dict()
+        table, start = theirs["embedding.table.weight"], 0
+        weights: dict[str, torch.Tensor] = {}
+        for k, size in enumerate(vocab_sizes):  # the fused table holds the fields in this order
+            weights[f"embeddings.{k}.weight"] = table[start:start + size].clone()
+            weights[f"embeddings.{k}.weight"][0] = 0.0
+            start += size
+        for e in range(8):
+            weights[f"experts.{e}.0.weight"] = theirs["backbone.experts.weights.0"][:, e, :].T
+            weights[f"experts.{e}.0.bias"] = theirs["backbone.experts.biases.0"][e]
+            weights[f"experts.{e}.2.weight"] = theirs["backbone.experts.weights.1"][e].T
+            weights[f"experts.{e}.2.bias"] = theirs["backbone.experts.biases.1"][e]
+        for k, task in enumerate(("click", "purchase")):
+            for part in ("weight", "bias"):
+                weights[f"gates.{k}.{part}"] = theirs[f"backbone.gates.{task}.{part}"]
+                for layer in (0, 2):
+                    weights[f"towers.{k}.{layer}.{part}"] = theirs[f"towers.{task}.mlp.{layer}.{part}"]
+        model.load_state_dict(weights)
         with torch.no_grad():
-            for table, name, size in zip(model.embeddings, shape.categorical(), vocab_sizes, strict=True):
-                table.weight.copy_(ours.embedding.weight[offsets[name]:offsets[name] + size])
-                table.weight[0] = 0.0
-            for e, expert in enumerate(model.experts):
-                expert[0].weight.copy_(experts.weights[0][:, e, :].T)
-                expert[0].bias.copy_(experts.biases[0][e])
-                expert[2].weight.copy_(experts.weights[1][e].T)
-                expert[2].bias.copy_(experts.biases[1][e])
-            for gate, tower, task in zip(model.gates, model.towers, ("click", "purchase"), strict=True):
-                gate.load_state_dict(gates[task].state_dict())
-                tower.load_state_dict(ours.towers[task].mlp.state_dict())
             rows = torch.as_tensor(train_rows[:256])
             expected = ours(encoded_data.batch("interactions", rows))
             for name, got in zip(("click", "purchase"), model(cats[rows], dense[rows]), strict=True):
