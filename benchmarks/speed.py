@@ -25,9 +25,18 @@ Every measurement runs in a fresh subprocess, so that its peak RSS is its own:
   excluded), peak RSS, and the ratio to the in-memory `library` throughput of the same run.
 - `reference`: a straightforward PyTorch implementation of the same MMoE (one `nn.Embedding` per
   field, eight expert `nn.Sequential`s, `nn.Linear` gates, ESMM loss, `torch.optim.Adam`) on the
-  same rows in the same order, as the accuracy reference and the "plain PyTorch" speed reference.
-  Its embeddings start like mtlrec's (N(0, model.embedding_init_std)), so that only the implementation
-  differs.
+  same inputs (mtlrec's encoded ids, a value unseen in training mapped to its field's OOV row, and
+  its standardised dense fields) and the same rows in the same order, as the accuracy reference and
+  the "plain PyTorch" speed reference. Its embeddings start like mtlrec's (N(0, model.embedding_init_std)), so
+  that only the implementation differs. It trains once per init seed (`--reference-seeds`, 3): its AUC is the
+  mean, reported with the seeds' spread; `auc_vs_reference` is mtlrec's AUC minus that mean. It
+  trains once more from mtlrec's own initial weights (copied in), so that nothing but the
+  implementation differs: `auc_vs_reference_same_init`.
+
+RSS "after imports" is read after importing torch, mtlrec and torch._dynamo, which every
+`torch.optim` optimizer imports when it is built (about 68 MB of Python modules, reported as
+`dynamo_import_mb`); the training figure is its peak RSS (VmHWM, reset right before the epoch)
+minus that.
 
 FLOPs per sample are the dense part's matmul FLOPs counted by `torch.utils.flop_counter` on one
 forward pass (2 x multiply-adds), x 3 for training. The matmul rate is measured in the same
@@ -56,7 +65,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mtlrec.memory import high_water_mb, peak_rss_mb, release_freed_memory, reset_peak_rss, rss_mb
+from mtlrec.memory import (
+    file_rss_mb,
+    high_water_mb,
+    peak_rss_mb,
+    release_freed_memory,
+    reset_peak_rss,
+    rss_mb,
+)
 
 MODELS = ("mmoe", "shared_bottom", "ple")
 PEERS = {"torch_rechub": "torch-rechub", "deepctr_torch": "DeepCTR-Torch"}
@@ -76,6 +92,22 @@ def _tensor_mb(tensors: Any) -> float:
         elif isinstance(item, list | tuple):
             stack.extend(item)
     return total / 2**20
+
+
+def _rss_after_imports() -> tuple[float, float]:
+    """(RSS after the imports, what torch._dynamo's import adds to it), in MiB.
+
+    Every `torch.optim` optimizer imports torch._dynamo when it is built (`Optimizer.add_param_group`
+    is wrapped by `torch._disable_dynamo`): about 68 MB of Python modules (sympy among them) that
+    any PyTorch training process carries, whatever its data or model. It is imported here, before
+    the baseline is read, so that the training's figure counts what training holds, not torch's
+    code; its size is reported beside it.
+    """
+    before = rss_mb()
+    import torch._dynamo  # noqa: F401
+
+    after = rss_mb()
+    return after, after - before
 
 
 # -------------------------------------------------------------------------------------------------
@@ -147,6 +179,17 @@ def _profile(step: Any, sampler: Any, steps: int) -> None:
         for _ in range(steps):
             step(next(batches))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr, flush=True)
+    # Tensor memory of one step, from the allocator events: the running sum of every operator's own
+    # allocations minus frees, from the step's start (when the previous step's tensors are held).
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(next(batches))
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    print(f"tensor memory allocated during one step: peak {peak / 2**20:.1f} MB above the step's start",
+          file=sys.stderr, flush=True)
+    print(prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=12), file=sys.stderr, flush=True)
 
 
 def _library(data: Path, model_name: str, threads: int, work: Path, profile_steps: int = 0,
@@ -159,10 +202,12 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
     from mtlrec.training.evaluate import metrics_of, predict_split
     from mtlrec.training.trainer import Trainer, train_step
 
-    rss_imports = rss_mb()
+    rss_imports, dynamo_mb = _rss_after_imports()
+    file_imports = file_rss_mb()
     cfg, base = load_config(ctr_config(data, model_name), [f"train.threads={threads}", *overrides])
     trainer = Trainer(cfg, base, work / f"library-{model_name}")
     trainer.prepare()
+    rss_prepared = rss_mb()
     model, spec = trainer.model, trainer.spec
     source = trainer.main_source
     sampler = trainer.samplers[source]
@@ -204,6 +249,12 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
         train_step(model, [trainer.data.batch(source, rows)], *args)
     train_rate = rows_seen / (time.perf_counter() - started)
     peak_training = high_water_mb()
+    file_training = file_rss_mb()
+    # What the allocators hold freed but resident at the end of the epoch: what returning it gives back.
+    rss_end = rss_mb()
+    release_freed_memory()
+    freed_resident = rss_end - rss_mb()
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
     train_matmul.append(matmul_rate(train_shapes))
 
     infer_matmul = [matmul_rate(infer_shapes)]
@@ -222,12 +273,17 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
         "parameters": sum(p.numel() for p in model.parameters()),
         "flops_per_sample_forward": flops_forward,
         "rss_after_imports_mb": rss_imports,
+        "dynamo_import_mb": dynamo_mb,
+        "rss_after_prepare_mb": rss_prepared,
         "rss_before_training_mb": rss_before_training,
+        "file_rss_growth_mb": file_training - file_imports,
+        "freed_resident_after_training_mb": freed_resident,
         "peak_rss_training_mb": peak_training,
         "peak_rss_mb": peak_rss_mb(),
         "encoded_data_mb": _tensor_mb([vars(s) for s in trainer.data.sources.values()]),
         "parameters_mb": _tensor_mb(list(model.parameters())),
         "optimizer_state_mb": _tensor_mb(optim_state),
+        "gradients_mb": _tensor_mb(gradients),
         "train_matmul_gflops_measured": train_matmul,
         "infer_matmul_gflops_measured": infer_matmul,
     }
@@ -257,7 +313,7 @@ def _stream(data: Path, model_name: str, threads: int, work: Path) -> dict[str, 
     from mtlrec.data.ctr import ctr_config
     from mtlrec.training.trainer import Trainer
 
-    rss_imports = rss_mb()
+    rss_imports, _ = _rss_after_imports()
     overrides = [f"train.threads={threads}", "data.stream=true", "data.stream_buffer_rows=1000000",
                  "train.diagnostics_every=0"]
     cfg, base = load_config(ctr_config(data, model_name), overrides)
@@ -270,10 +326,12 @@ def _stream(data: Path, model_name: str, threads: int, work: Path) -> dict[str, 
             "run_seconds": time.perf_counter() - started}
 
 
-def _reference(data: Path, threads: int) -> dict[str, Any]:
-    """A straightforward PyTorch MMoE on the same rows in the same order (see the module docstring)."""
+def _reference(data: Path, threads: int, seeds: int = 3) -> dict[str, Any]:
+    """A straightforward PyTorch MMoE on mtlrec's encoded inputs (see the module docstring).
+
+    Trained once per init seed 0..seeds-1 on the same rows in the same order; speed from seed 0.
+    """
     import numpy as np
-    import pandas as pd
     import torch
     from sklearn.metrics import roc_auc_score
     from torch import nn
@@ -281,29 +339,38 @@ def _reference(data: Path, threads: int) -> dict[str, Any]:
     from mtlrec.config import load_config
     from mtlrec.data.ctr import CtrShape, ctr_config
     from mtlrec.data.dataset import Sampler
+    from mtlrec.data.schema import Schema
     from mtlrec.data.split import split_tables
     from mtlrec.data.tables import load_tables
+    from mtlrec.models import build_model
 
     torch.set_num_threads(threads)
     cfg, base = load_config(ctr_config(data, "mmoe"))
     tables = load_tables(cfg, base, None)
     split = split_tables(tables, cfg)
-    frame: pd.DataFrame = tables.interactions
+    # mtlrec's encoders, so that both models read the very same inputs: each field's vocabulary
+    # from the training rows (0 missing, 1 for a value unseen in training, 2.. known values) and
+    # the dense fields standardised with the training mean and std.
+    schema = Schema(cfg).fit(tables, split)
+    encoded_data = schema.encode(tables, split)
+    encoded = encoded_data.sources["interactions"]
+    del tables
     shape = CtrShape()
-    cats = torch.as_tensor(frame[shape.categorical()].to_numpy(np.int64))
-    dense_np = frame[shape.dense()].to_numpy(np.float32)
+    vocab_sizes = [schema.spec_.vocab_sizes[c] for c in shape.categorical()]
+    cats = torch.stack([encoded.context[c].long() for c in shape.categorical()], dim=1)  # [N, F]
+    dense = torch.stack([encoded.context[d][:, 0] for d in shape.dense()], dim=1)  # [N, 10]
+    click = encoded.labels["click"]  # [N] float
+    joint = encoded.labels["purchase"]  # [N]: click and purchase (0 where no click)
     train_rows, test_rows = split.rows("interactions", "train"), split.rows("interactions", "test")
-    mean, std = dense_np[train_rows].mean(0), dense_np[train_rows].std(0)
-    dense = torch.as_tensor((dense_np - mean) / std)
-    click = torch.as_tensor(frame["click"].to_numpy(np.float32))
-    buy = torch.as_tensor(frame["purchase"].to_numpy(np.float32))
 
     class MMoE(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.embeddings = nn.ModuleList(nn.Embedding(v, 16) for v in shape.vocab_sizes())
-            for table in self.embeddings:  # mtlrec's initialisation, so that only the implementation differs
-                nn.init.normal_(table.weight, std=cfg.model.embedding_init_std)
+            self.embeddings = nn.ModuleList(nn.Embedding(v, 16, padding_idx=0) for v in vocab_sizes)
+            with torch.no_grad():
+                for table in self.embeddings:  # mtlrec's initialisation; a missing value embeds to zeros
+                    nn.init.normal_(table.weight, std=cfg.model.embedding_init_std)
+                    table.weight[0] = 0.0
             width = 16 * shape.n_categorical + shape.n_dense
             self.experts = nn.ModuleList(nn.Sequential(nn.Linear(width, 256), nn.ReLU(), nn.Linear(256, 128),
                                                        nn.ReLU()) for _ in range(8))
@@ -320,36 +387,77 @@ def _reference(data: Path, threads: int) -> dict[str, Any]:
                 outs.append(tower((w * experts).sum(1)).squeeze(-1))
             return outs  # click logit, purchase-given-click logit
 
-    torch.manual_seed(0)
-    model = MMoE()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    bce = nn.BCELoss()
-    started = time.perf_counter()
-    for rows in Sampler(train_rows, 1024, seed=cfg.train.seed).epoch(0):
-        ctr, cvr = model(cats[rows], dense[rows])
-        p_click = torch.sigmoid(ctr)
-        p_joint = (p_click * torch.sigmoid(cvr)).clamp(1e-7, 1 - 1e-7)
-        loss = bce(p_click, click[rows]) + bce(p_joint, click[rows] * buy[rows])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    train_rate = len(train_rows) / (time.perf_counter() - started)
-    model.eval()
-    test = torch.as_tensor(test_rows)
-    started = time.perf_counter()
-    outs: list[list[torch.Tensor]] = [[], []]
-    with torch.no_grad():
-        for chunk in test.split(4096):
-            ctr, cvr = model(cats[chunk], dense[chunk])
-            outs[0].append(torch.sigmoid(ctr))
-            outs[1].append(torch.sigmoid(cvr))
-    infer_rate = len(test) / (time.perf_counter() - started)
-    p_ctr, p_cvr = (torch.cat(o).numpy() for o in outs)
-    clicked = click[test].numpy() == 1
-    return {"model": "reference mmoe", "train_samples_per_second": train_rate,
-            "infer_samples_per_second": infer_rate, "peak_rss_mb": peak_rss_mb(),
-            "auc": {"click": float(roc_auc_score(click[test].numpy(), p_ctr)),
-                    "purchase": float(roc_auc_score(buy[test].numpy()[clicked], p_cvr[clicked]))}}
+    def mtlrec_init(model: MMoE) -> None:
+        """Copy in the initial weights of mtlrec's model (built as `Trainer.prepare` builds it)."""
+        torch.manual_seed(cfg.train.seed)
+        ours = build_model(schema.spec_, cfg.model)
+        theirs = ours.state_dict()
+        table, start = theirs["embedding.table.weight"], 0
+        weights: dict[str, torch.Tensor] = {}
+        for k, size in enumerate(vocab_sizes):  # the fused table holds the fields in this order
+            weights[f"embeddings.{k}.weight"] = table[start:start + size].clone()
+            weights[f"embeddings.{k}.weight"][0] = 0.0
+            start += size
+        for e in range(8):
+            weights[f"experts.{e}.0.weight"] = theirs["backbone.experts.weights.0"][:, e, :].T
+            weights[f"experts.{e}.0.bias"] = theirs["backbone.experts.biases.0"][e]
+            weights[f"experts.{e}.2.weight"] = theirs["backbone.experts.weights.1"][e].T
+            weights[f"experts.{e}.2.bias"] = theirs["backbone.experts.biases.1"][e]
+        for k, task in enumerate(("click", "purchase")):
+            for part in ("weight", "bias"):
+                weights[f"gates.{k}.{part}"] = theirs[f"backbone.gates.{task}.{part}"]
+                for layer in (0, 2):
+                    weights[f"towers.{k}.{layer}.{part}"] = theirs[f"towers.{task}.mlp.{layer}.{part}"]
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            rows = torch.as_tensor(train_rows[:256])
+            expected = ours(encoded_data.batch("interactions", rows))
+            for name, got in zip(("click", "purchase"), model(cats[rows], dense[rows]), strict=True):
+                if not torch.allclose(got, expected[name], atol=1e-5):
+                    raise RuntimeError(f"the reference started from mtlrec's weights computes other {name} logits")
+
+    def run(seed: int | None) -> dict[str, Any]:
+        """Train and test from init seed `seed`, or (None) from mtlrec's own initial weights."""
+        torch.manual_seed(0 if seed is None else seed)
+        model = MMoE()
+        if seed is None:
+            mtlrec_init(model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        bce = nn.BCELoss()
+        started = time.perf_counter()
+        for rows in Sampler(train_rows, 1024, seed=cfg.train.seed).epoch(0):
+            ctr, cvr = model(cats[rows], dense[rows])
+            p_click = torch.sigmoid(ctr)
+            p_joint = (p_click * torch.sigmoid(cvr)).clamp(1e-7, 1 - 1e-7)
+            loss = bce(p_click, click[rows]) + bce(p_joint, joint[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        train_rate = len(train_rows) / (time.perf_counter() - started)
+        model.eval()
+        test = torch.as_tensor(test_rows)
+        started = time.perf_counter()
+        outs: list[list[torch.Tensor]] = [[], []]
+        with torch.no_grad():
+            for chunk in test.split(4096):
+                ctr, cvr = model(cats[chunk], dense[chunk])
+                outs[0].append(torch.sigmoid(ctr))
+                outs[1].append(torch.sigmoid(cvr))
+        infer_rate = len(test) / (time.perf_counter() - started)
+        p_ctr, p_cvr = (torch.cat(o).numpy() for o in outs)
+        clicked = click[test].numpy() == 1
+        return {"train_samples_per_second": train_rate, "infer_samples_per_second": infer_rate,
+                "auc": {"click": float(roc_auc_score(click[test].numpy(), p_ctr)),
+                        "purchase": float(roc_auc_score(joint[test].numpy()[clicked], p_cvr[clicked]))}}
+
+    runs = [run(seed) for seed in range(max(seeds, 1))]
+    by_task = {t: [r["auc"][t] for r in runs] for t in runs[0]["auc"]}
+    return {"model": "reference mmoe", "train_samples_per_second": runs[0]["train_samples_per_second"],
+            "infer_samples_per_second": runs[0]["infer_samples_per_second"], "peak_rss_mb": peak_rss_mb(),
+            "seeds": len(runs), "auc_by_seed": by_task,
+            "auc": {t: float(np.mean(v)) for t, v in by_task.items()},
+            "auc_spread": {t: max(v) - min(v) for t, v in by_task.items()},
+            "auc_same_init": run(None)["auc"]}
 
 
 def _worker(args: argparse.Namespace) -> None:
@@ -368,16 +476,16 @@ def _worker(args: argparse.Namespace) -> None:
 
         result = ADAPTERS[args.worker](Path(args.data), args.threads)
     else:
-        result = _reference(Path(args.data), args.threads)
+        result = _reference(Path(args.data), args.threads, args.reference_seeds)
     print("RESULT " + json.dumps(result))
 
 
 def _run_worker(kind: str, data: Path, work: Path, threads: int, model: str = "", profile: int = 0,
-                overrides: Sequence[str] = ()) -> dict[str, Any]:
+                overrides: Sequence[str] = (), reference_seeds: int = 3) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     command = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--work", str(work),
-               "--threads", str(threads), "--profile", str(profile)] + (["--model", model] if model else []) + \
-        [arg for o in overrides for arg in ("--set", o)]
+               "--threads", str(threads), "--profile", str(profile), "--reference-seeds", str(reference_seeds)] + \
+        (["--model", model] if model else []) + [arg for o in overrides for arg in ("--set", o)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if profile and kind == "library":
         print(f"profile of {profile} training steps of {model}:\n{done.stderr}", flush=True)
@@ -410,6 +518,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--work", type=Path, help="folder for the data and runs (default: a temporary one)")
     parser.add_argument("--no-cli", action="store_true", help="skip the `mtlrec train` measurement")
     parser.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference")
+    parser.add_argument("--reference-seeds", type=int, default=3, metavar="N",
+                        help="train the plain reference with init seeds 0..N-1 (its AUC is their mean, "
+                             "beside their spread; default 3)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every mtlrec run (library and cli), e.g. "
                              "train.sparse_embeddings=on; repeatable")
@@ -467,17 +578,23 @@ def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
         results["models"][name] = lib
         _print_model(lib)
     if not args.no_reference:
-        ref = _run_worker("reference", data, work, args.threads)
+        ref = _run_worker("reference", data, work, args.threads, reference_seeds=args.reference_seeds)
         results["reference"] = ref
-        print(f"reference (plain PyTorch MMoE): train {ref['train_samples_per_second']:,.0f}/s, infer "
-              f"{ref['infer_samples_per_second']:,.0f}/s, AUC " +
-              ", ".join(f"{t} {a:.4f}" for t, a in ref["auc"].items()), flush=True)
+        print(f"reference (plain PyTorch MMoE on mtlrec's encoded inputs): train "
+              f"{ref['train_samples_per_second']:,.0f}/s, infer {ref['infer_samples_per_second']:,.0f}/s (seed 0); "
+              f"AUC over {ref['seeds']} init seeds " +
+              ", ".join(f"{t} {a:.4f} (spread {ref['auc_spread'][t]:.4f}: "
+                        + " / ".join(f"{x:.4f}" for x in ref["auc_by_seed"][t]) + ")"
+                        for t, a in ref["auc"].items()), flush=True)
         if "mmoe" in results["models"]:
             lib = results["models"]["mmoe"]
-            lib["auc_minus_reference"] = {t: lib["auc"][t] - ref["auc"][t] for t in ref["auc"]}
+            lib["auc_vs_reference"] = {t: lib["auc"][t] - ref["auc"][t] for t in ref["auc"]}
+            lib["auc_vs_reference_same_init"] = {t: lib["auc"][t] - ref["auc_same_init"][t] for t in ref["auc"]}
             print(f"mmoe vs reference: train x{lib['train_samples_per_second'] / ref['train_samples_per_second']:.2f}"
-                  f", infer x{lib['infer_samples_per_second'] / ref['infer_samples_per_second']:.2f}, AUC diff " +
-                  ", ".join(f"{t} {d:+.4f}" for t, d in lib["auc_minus_reference"].items()))
+                  f", infer x{lib['infer_samples_per_second'] / ref['infer_samples_per_second']:.2f}; AUC minus the "
+                  f"reference's mean " + ", ".join(f"{t} {d:+.4f}" for t, d in lib["auc_vs_reference"].items()) +
+                  "; minus the reference started from mtlrec's initial weights " +
+                  ", ".join(f"{t} {d:+.4f}" for t, d in lib["auc_vs_reference_same_init"].items()), flush=True)
     if args.stream_rows:
         results["stream"] = _benchmark_stream(args, results, work)
     results["peers"] = _benchmark_peers(results["models"].get("mmoe"), data, work, args.threads)
@@ -562,10 +679,16 @@ def _print_model(r: dict[str, Any]) -> None:
           f"AUC " + ", ".join(f"{t} {a:.4f}" for t, a in r["auc"].items()) +
           (f"; mtlrec train {r['cli_train_samples_per_second']:,.0f}/s = {r['cli_ratio']:.0%} of library"
            if "cli_ratio" in r else ""), flush=True)
-    print(f"    RSS: after imports {r['rss_after_imports_mb']:.0f} MB, before training "
+    print(f"    RSS: after imports {r['rss_after_imports_mb']:.0f} MB (torch._dynamo's import "
+          f"{r['dynamo_import_mb']:.0f} MB of it), after prepare {r['rss_after_prepare_mb']:.0f} MB, before training "
           f"{r['rss_before_training_mb']:.0f} MB, peak while training {r['peak_rss_training_mb']:.0f} MB, "
-          f"peak of the process {r['peak_rss_mb']:.0f} MB; data + parameters + optimizer state {resident:.0f} MB; "
-          f"training peak - imports = {above:.0f} MB = {above / resident:.2f}x of it", flush=True)
+          f"peak of the process {r['peak_rss_mb']:.0f} MB; library code paged in since the imports "
+          f"{r['file_rss_growth_mb']:.0f} MB; freed memory still resident after the epoch "
+          f"{r['freed_resident_after_training_mb']:.0f} MB", flush=True)
+    print(f"    data {r['encoded_data_mb']:.0f} + parameters {r['parameters_mb']:.0f} + optimizer state "
+          f"{r['optimizer_state_mb']:.0f} = {resident:.0f} MB (gradients {r['gradients_mb']:.0f} MB more); "
+          f"training peak - imports = {above:.0f} MB = {above / resident:.2f}x of it "
+          f"({above / (resident + r['gradients_mb']):.2f}x with the gradients)", flush=True)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,13 @@ def test_speed_benchmark_end_to_end_on_a_tiny_log(tmp_path: Path) -> None:
                 "peak_rss_mb", "parameters", "cli_ratio", "train_matmul_gflops"):
         assert mmoe[key] > 0, key
     assert set(mmoe["auc"]) == {"click", "purchase"}
-    assert set(mmoe["auc_minus_reference"]) == {"click", "purchase"}
+    assert set(mmoe["auc_vs_reference"]) == set(mmoe["auc_vs_reference_same_init"]) == {"click", "purchase"}
+    for key in ("dynamo_import_mb", "rss_after_prepare_mb", "gradients_mb", "file_rss_growth_mb",
+                "freed_resident_after_training_mb"):
+        assert key in mmoe, key
+    reference = result["reference"]
+    assert reference["seeds"] == 3 and all(len(v) == 3 for v in reference["auc_by_seed"].values())
+    assert all(spread >= 0 for spread in reference["auc_spread"].values())
     assert set(result["peers"]) == {"torch-rechub", "DeepCTR-Torch"}
     for peer in result["peers"].values():  # run where the peer is installed, skipped where not (as in CI)
         assert peer == "skipped (not installed)" or set(peer["auc"]) == {"click", "purchase"}, peer

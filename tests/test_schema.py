@@ -217,6 +217,19 @@ def test_encode_context(tables: Tables, config: Config) -> None:
         schema.encode_context(frame.drop(columns=["price"]))
 
 
+def test_release_lookups_drops_the_tables_and_encodes_the_same(tables: Tables, config: Config) -> None:
+    schema, split = fitted(tables, config)
+    before = schema.encode(tables, split)
+    lookups = [e for e in [*schema.features_.values(), schema.user_vocab_, schema.item_vocab_]
+               if e is not None and hasattr(e, "_index")]
+    assert lookups and any(e._index is not None for e in lookups)
+    schema.release_lookups()
+    assert all(e._index is None for e in lookups)
+    after = schema.encode(tables, split)
+    for name, tensor in before.sources["interactions"].context.items():
+        assert torch.equal(tensor, after.sources["interactions"].context[name]), name
+
+
 @pytest.mark.parametrize("label", ["buy", None])
 def test_retrieval_targets_are_log_q_of_training_positives(tables: Tables, config_dict: dict[str, Any],
                                                           label: str | None) -> None:

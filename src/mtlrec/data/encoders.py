@@ -375,6 +375,14 @@ class CategoricalEncoder:
         codes, uniques = factorize_strings(values)
         return _gather(codes, self.map_strings(uniques), PAD)
 
+    def release_lookup(self) -> None:
+        """Drop the lookup table `map_strings` builds (the next call rebuilds it).
+
+        Its hash table costs about 40 bytes per vocabulary value beside the strings themselves; a
+        trainer that has encoded its data does not look values up again.
+        """
+        self._index = None
+
     def fit_transform(self, values: ArrayLike) -> np.ndarray:
         return self.fit(values).transform(values)
 
@@ -445,6 +453,11 @@ class MultiCategoricalEncoder:
         out = np.zeros((n, self.max_len), dtype=np.int64)
         out[rows[keep], pos[keep]] = self.vocab_.map_strings(uniques)[codes[keep]]
         return out
+
+    def release_lookup(self) -> None:
+        """Drop the vocabulary's lookup table (see `CategoricalEncoder.release_lookup`)."""
+        if hasattr(self, "vocab_"):
+            self.vocab_.release_lookup()
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "multi_categorical", "max_len": self.max_len, "separator": self.separator,

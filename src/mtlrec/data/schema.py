@@ -391,6 +391,17 @@ class Schema:
             self._retrieval_labels(task, inter, sources["interactions"], split)
         return EncodedData(self.spec_, users_table, items_table, sources)
 
+    def release_lookups(self) -> None:
+        """Drop the vocabularies' lookup tables; the next encode rebuilds them.
+
+        A trainer calls this once its data is encoded: the tables hold a hash entry per vocabulary
+        value (10 MB for the speed benchmark's 260,000 values), and training looks nothing up.
+        """
+        self._check_fitted()
+        for encoder in [*self.features_.values(), self.user_vocab_, self.item_vocab_]:
+            if isinstance(encoder, CategoricalEncoder | MultiCategoricalEncoder):
+                encoder.release_lookup()
+
     def _retrieval_labels(self, task: TaskConfig, inter: pd.DataFrame, source: SourceData,
                           split: SplitIndex | None) -> None:
         """The retrieval task's targets: log q of each interaction's item, masked to the positives.

@@ -16,6 +16,7 @@ import pandas as pd
 from mtlrec.config import Config
 from mtlrec.data.encoders import factorize_strings, preview, to_float
 from mtlrec.errors import DataError
+from mtlrec.memory import arrow_allocates_with_malloc
 
 TABLE_NAMES = ("interactions", "users", "items", "item_pairs")
 
@@ -74,7 +75,8 @@ def read_table(source: str | Path | pd.DataFrame, name: str) -> pd.DataFrame:
         raise DataError(f"table '{name}': file '{path}' does not exist")
     try:
         if ext in _PARQUET:
-            return pd.read_parquet(path)
+            with arrow_allocates_with_malloc():  # so that the read's freed heap can go back to the OS
+                return pd.read_parquet(path)
         sep = "\t" if ext.startswith(".tsv") else ","
         return pd.read_csv(path, sep=sep)
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:

@@ -89,14 +89,17 @@ class Experts(nn.Module):
         """
         w, b = self.weights[0], self.biases[0]
         E = self.num_experts
+        # In place: the matmuls' backward needs their inputs, not their outputs, so the ReLU can
+        # overwrite them (no second [B, E*H] buffer to allocate, fill and free each step). The
+        # first layer's ReLU runs on the matmul's own output, before it is viewed per expert: on
+        # the transposed view, autograd would record a CopySlices whose backward allocates two
+        # more [B, E*H1] buffers (16 MB a step in the speed benchmark's MMoE).
         if x.dim() == 2:
-            h = torch.addmm(b.flatten(), x, w.flatten(1))  # [B, E*H1]
+            h = torch.relu_(torch.addmm(b.flatten(), x, w.flatten(1)))  # [B, E*H1]
             h = h.view(x.shape[0], E, -1).transpose(0, 1)  # [E, B, H1]
         else:
-            h = torch.baddbmm(b.unsqueeze(1), x, w.transpose(0, 1))  # [E, B, H1]
-        # In place: the matmuls' backward needs their inputs, not their outputs, so the ReLU can
-        # overwrite them (no second [B, E*H] buffer to allocate, fill and free each step).
-        h = self.dropout(torch.relu_(h))
+            h = torch.relu_(torch.baddbmm(b.unsqueeze(1), x, w.transpose(0, 1)))  # [E, B, H1]
+        h = self.dropout(h)
         for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
             h = self.dropout(torch.relu_(torch.baddbmm(b.unsqueeze(1), h, w)))  # [E, B, Hi]
         return h

@@ -61,13 +61,15 @@ def train_step(model: RecModel, batches: Sequence[Batch], tasks: Sequence[TaskSp
     normalised by its labelled rows over all replicas, and the weighting's own parameters'
     gradients are averaged, so the step equals a single process's step on the global batches.
     """
+    # The previous step's gradients (the dense embedding table's is table-sized) are freed before
+    # the forward pass, not after it, so they never coexist with this step's activations.
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
     outputs = replicas.forward(batches) if replicas is not None else [model(batch) for batch in batches]
     denominators = replicas.loss_denominators if replicas is not None else None
     losses: dict[str, Tensor] = {}
     for batch, output in zip(batches, outputs, strict=True):
         losses.update(task_losses(output, batch, tasks, model.entire_space, denominators))
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
     if losses:
         if diagnostics is not None:
             diagnostics.before_backward(step, losses, model)
@@ -185,6 +187,7 @@ class Trainer:
             self.schema = self._fit_schema(lambda: Schema(cfg).fit(tables, self.split), resume)
             self.data: EncodedData = self.schema.encode(tables, self.split)
             del tables  # training holds the encoded tensors only
+            self.schema.release_lookups()
             release_freed_memory()
         self.spec: InputSpec = self.schema.spec_
         self._check_early_stopping_metric()
