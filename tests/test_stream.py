@@ -206,7 +206,7 @@ def test_an_epoch_reads_every_training_row_once_and_ranks_split_them(log_folder:
     expected = np.flatnonzero(hash_parts(np.arange(600), 0.1, 0.2, seed=5) == 0).tolist()
 
     batches = list(stream.epoch(0))
-    assert all(len(b) == 32 for b in batches[:-1]) and len(batches) == stream.num_batches(0)
+    assert all(len(b) == 32 for b in batches[:-1]) and len(batches) == stream.num_batches()
     seen = rows_of(trainer, batches)
     assert sorted(seen) == expected  # each training row exactly once
     assert seen != expected  # shuffled
@@ -220,8 +220,8 @@ def test_an_epoch_reads_every_training_row_once_and_ranks_split_them(log_folder:
         assert sorted(union) == expected  # disjoint, and together every training row
         assert [len(s) for s in shares] == [stream.share(2, r, world_size).rows for r in range(world_size)]
         # Every rank steps num_batches times, on its part of each global batch.
-        assert {len(batches) for batches in epochs} == {stream.num_batches(2)}
-        for step in range(stream.num_batches(2) - 1):
+        assert {len(batches) for batches in epochs} == {stream.num_batches()}
+        for step in range(stream.num_batches() - 1):
             assert sum(len(batches[step]) for batches in epochs) == 32
 
 

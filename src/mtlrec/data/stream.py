@@ -408,7 +408,7 @@ class InteractionStream:
         """Rows of `part` (0 train, 1 valid, 2 test) over the whole log."""
         return int(self.split.counts[:, PARTS.index(part)].sum())
 
-    def num_batches(self, epoch: int = 0) -> int:
+    def num_batches(self) -> int:
         """Training steps of an epoch: the global batches of its rows (the last may be short), the
         same on every rank."""
         return -(-self.num_rows("train") // self.batch_size)
@@ -422,7 +422,7 @@ class InteractionStream:
         disjoint and cover every training row once; all ranks step the same number of times.
         """
         check_rank(rank, world_size)
-        steps = self.num_batches(epoch)
+        steps = self.num_batches()
         total = self.num_rows("train")
         if total < world_size:
             raise DataError(f"data.interactions has {total} training rows, fewer than the {world_size} processes; "

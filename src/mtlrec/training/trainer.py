@@ -293,7 +293,7 @@ class Trainer:
         if self._streamed(self.main_source):
             assert self.stream is not None
             rank, world = self.replicas.rank, self.replicas.world_size
-            return self.stream.num_batches(epoch), self.stream.epoch(epoch, rank, world)
+            return self.stream.num_batches(), self.stream.epoch(epoch, rank, world)
         main = self.samplers[self.main_source]
         return len(main), (self._batch(self.main_source, main, rows) for rows in main.epoch(epoch))
 
