@@ -517,7 +517,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument("--work", type=Path, help="folder for the data and runs (default: a temporary one)")
     parser.add_argument("--no-cli", action="store_true", help="skip the `mtlrec train` measurement")
-    parser.add_argument("--no-reference", action="store_true", help="skip the plain PyTorch reference")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the plain PyTorch reference and the peers (torch-rechub, DeepCTR-Torch)")
     parser.add_argument("--reference-seeds", type=int, default=3, metavar="N",
                         help="train the plain reference with init seeds 0..N-1 (its AUC is their mean, "
                              "beside their spread; default 3)")
@@ -597,7 +598,10 @@ def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
                   ", ".join(f"{t} {d:+.4f}" for t, d in lib["auc_vs_reference_same_init"].items()), flush=True)
     if args.stream_rows:
         results["stream"] = _benchmark_stream(args, results, work)
-    results["peers"] = _benchmark_peers(results["models"].get("mmoe"), data, work, args.threads)
+    if args.no_reference:
+        results["peers"] = {label: "skipped (--no-reference)" for label in PEERS.values()}
+    else:
+        results["peers"] = _benchmark_peers(results["models"].get("mmoe"), data, work, args.threads)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
