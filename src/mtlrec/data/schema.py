@@ -525,9 +525,16 @@ class Schema:
         fields.update(self._entity_features(users, data.user_id, index, "users"))
         if users is not None:
             sources["users"].keys["user_key"] = torch.from_numpy(index.rows(users[data.user_id]))
-        if not interactions:
-            return EntityTable("user", index, {spec.name: fields[spec.name] for spec in self.spec_.group("user")})
-        user_key = index.rows(inter[data.user_id])
+        if interactions:
+            self._interaction_users(tables, split, sources, items, index, fields)
+        return EntityTable("user", index, {spec.name: fields[spec.name] for spec in self.spec_.group("user")})
+
+    def _interaction_users(self, tables: Tables, split: SplitIndex | None, sources: dict[str, SourceData],
+                           items: EntityTable | None, index: IdIndex, fields: dict[str, torch.Tensor]) -> None:
+        """The interactions' user keys and per-row sequences; each user's latest sequences into `fields`."""
+        data = self.config.data
+        assert data.user_id is not None
+        user_key = index.rows(tables.interactions[data.user_id])
         sources["interactions"].keys["user_key"] = torch.from_numpy(user_key)
         sequences = [f for f in self.config.features if f.type == "sequence"]
         if sequences:
@@ -537,7 +544,6 @@ class Schema:
             latest, per_row = self._sequences(tables, split, sequences, user_key, len(index), item_vocab)
             fields.update(latest)
             sources["interactions"].sequences = per_row
-        return EntityTable("user", index, {spec.name: fields[spec.name] for spec in self.spec_.group("user")})
 
     def encode_context(self, frame: pd.DataFrame) -> dict[str, torch.Tensor]:
         """The context fields (interactions-table features) of `frame`'s rows, batch-ready.
