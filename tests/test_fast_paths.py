@@ -147,6 +147,36 @@ def test_ctr_model_forward_equals_the_plain_implementation() -> None:
     torch.testing.assert_close(ours["buy"], buy, rtol=1e-5, atol=1e-5)
 
 
+def test_inference_path_equals_the_plain_implementation() -> None:
+    # Without autograd in eval mode, the experts run one by one and the gates mix without an
+    # [E, B, H] temporary (`Experts._each`, `_mix`): the outputs are the training path's.
+    model = ctr_model().eval()
+    plain = PlainMMoE(model).eval()
+    batch = ctr_batch(96, seed=2)
+    with torch.no_grad():
+        ours = model(batch)
+        click, buy = plain(batch)
+    torch.testing.assert_close(ours["click"], click, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["buy"], buy, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["omoe", "mmoe", "ple"])
+def test_inference_path_equals_the_autograd_path(backbone: str) -> None:
+    # PLE's second level feeds its experts one input each ([E, B, Din]); three expert layers.
+    config = ModelConfig(backbone=backbone, embedding_dim=4, encoder_dim=None, numeric_input="raw",
+                         expert_hidden=[12, 8, 6], num_experts=3, tower_hidden=[5], wide=False,
+                         levels=2, task_experts=2, shared_experts=2)
+    torch.manual_seed(0)
+    model = build_model(ctr_spec(), config).eval()
+    batch = ctr_batch(64, seed=3)
+    with_grad = model(batch)
+    with torch.no_grad():
+        without = model(batch)
+    assert with_grad.keys() == without.keys()
+    for name in with_grad:
+        torch.testing.assert_close(without[name], with_grad[name].detach(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_training_steps_equal_the_plain_implementation(sparse: bool) -> None:
     """Fused AdamW (dense) or SparseAdam (sparse tables) against unfused Adam / a hand-written lazy Adam."""
