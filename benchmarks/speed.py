@@ -279,6 +279,7 @@ def _library(data: Path, model_name: str, threads: int, work: Path, profile_step
         "file_rss_growth_mb": file_training - file_imports,
         "freed_resident_after_training_mb": freed_resident,
         "peak_rss_training_mb": peak_training,
+        "training_growth_mb": peak_training - rss_before_training,
         "peak_rss_mb": peak_rss_mb(),
         "encoded_data_mb": _tensor_mb([vars(s) for s in trainer.data.sources.values()]),
         "parameters_mb": _tensor_mb(list(model.parameters())),
@@ -345,6 +346,7 @@ def _reference(data: Path, threads: int, seeds: int = 3) -> dict[str, Any]:
     from mtlrec.models import build_model
 
     torch.set_num_threads(threads)
+    rss_imports, _ = _rss_after_imports()
     cfg, base = load_config(ctr_config(data, "mmoe"))
     tables = load_tables(cfg, base, None)
     split = split_tables(tables, cfg)
@@ -424,6 +426,9 @@ def _reference(data: Path, threads: int, seeds: int = 3) -> dict[str, Any]:
             mtlrec_init(model)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         bce = nn.BCELoss()
+        release_freed_memory()  # as the library worker does before its epoch
+        rss_before = rss_mb()
+        reset_peak_rss()
         started = time.perf_counter()
         for rows in Sampler(train_rows, 1024, seed=cfg.train.seed).epoch(0):
             ctr, cvr = model(cats[rows], dense[rows])
@@ -434,6 +439,11 @@ def _reference(data: Path, threads: int, seeds: int = 3) -> dict[str, Any]:
             loss.backward()
             optimizer.step()
         train_rate = len(train_rows) / (time.perf_counter() - started)
+        memory = {"rss_after_imports_mb": rss_imports, "rss_before_training_mb": rss_before,
+                  "peak_rss_training_mb": high_water_mb(),
+                  "encoded_data_mb": _tensor_mb([cats, dense, click, joint]),
+                  "parameters_mb": _tensor_mb(list(model.parameters())),
+                  "optimizer_state_mb": _tensor_mb(optimizer.state_dict()["state"])}
         model.eval()
         test = torch.as_tensor(test_rows)
         started = time.perf_counter()
@@ -446,7 +456,7 @@ def _reference(data: Path, threads: int, seeds: int = 3) -> dict[str, Any]:
         infer_rate = len(test) / (time.perf_counter() - started)
         p_ctr, p_cvr = (torch.cat(o).numpy() for o in outs)
         clicked = click[test].numpy() == 1
-        return {"train_samples_per_second": train_rate, "infer_samples_per_second": infer_rate,
+        return {"train_samples_per_second": train_rate, "infer_samples_per_second": infer_rate, "memory": memory,
                 "auc": {"click": float(roc_auc_score(click[test].numpy(), p_ctr)),
                         "purchase": float(roc_auc_score(joint[test].numpy()[clicked], p_cvr[clicked]))}}
 
@@ -454,7 +464,7 @@ def _reference(data: Path, threads: int, seeds: int = 3) -> dict[str, Any]:
     by_task = {t: [r["auc"][t] for r in runs] for t in runs[0]["auc"]}
     return {"model": "reference mmoe", "train_samples_per_second": runs[0]["train_samples_per_second"],
             "infer_samples_per_second": runs[0]["infer_samples_per_second"], "peak_rss_mb": peak_rss_mb(),
-            "seeds": len(runs), "auc_by_seed": by_task,
+            **runs[0]["memory"], "seeds": len(runs), "auc_by_seed": by_task,
             "auc": {t: float(np.mean(v)) for t, v in by_task.items()},
             "auc_spread": {t: max(v) - min(v) for t, v in by_task.items()},
             "auc_same_init": run(None)["auc"]}
@@ -587,6 +597,11 @@ def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
               ", ".join(f"{t} {a:.4f} (spread {ref['auc_spread'][t]:.4f}: "
                         + " / ".join(f"{x:.4f}" for x in ref["auc_by_seed"][t]) + ")"
                         for t, a in ref["auc"].items()), flush=True)
+        ref["training_growth_mb"] = ref["peak_rss_training_mb"] - ref["rss_before_training_mb"]
+        print(f"    reference RSS: before training {ref['rss_before_training_mb']:.0f} MB, peak while training "
+              f"{ref['peak_rss_training_mb']:.0f} MB: the epoch adds {ref['training_growth_mb']:.0f} MB to "
+              f"parameters of {ref['parameters_mb']:.0f} MB (Adam's state {ref['optimizer_state_mb']:.0f} MB)",
+              flush=True)
         if "mmoe" in results["models"]:
             lib = results["models"]["mmoe"]
             lib["auc_vs_reference"] = {t: lib["auc"][t] - ref["auc"][t] for t in ref["auc"]}
@@ -685,9 +700,9 @@ def _print_model(r: dict[str, Any]) -> None:
            if "cli_ratio" in r else ""), flush=True)
     print(f"    RSS: after imports {r['rss_after_imports_mb']:.0f} MB (torch._dynamo's import "
           f"{r['dynamo_import_mb']:.0f} MB of it), after prepare {r['rss_after_prepare_mb']:.0f} MB, before training "
-          f"{r['rss_before_training_mb']:.0f} MB, peak while training {r['peak_rss_training_mb']:.0f} MB, "
-          f"peak of the process {r['peak_rss_mb']:.0f} MB; library code paged in since the imports "
-          f"{r['file_rss_growth_mb']:.0f} MB; freed memory still resident after the epoch "
+          f"{r['rss_before_training_mb']:.0f} MB, peak while training {r['peak_rss_training_mb']:.0f} MB (the epoch "
+          f"adds {r['training_growth_mb']:.0f} MB), peak of the process {r['peak_rss_mb']:.0f} MB; library code paged "
+          f"in since the imports {r['file_rss_growth_mb']:.0f} MB; freed memory still resident after the epoch "
           f"{r['freed_resident_after_training_mb']:.0f} MB", flush=True)
     print(f"    data {r['encoded_data_mb']:.0f} + parameters {r['parameters_mb']:.0f} + optimizer state "
           f"{r['optimizer_state_mb']:.0f} = {resident:.0f} MB (gradients {r['gradients_mb']:.0f} MB more); "
