@@ -78,7 +78,7 @@ def log_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def prepared(raw: dict[str, Any], out: Path, overrides: list[str] | None = None) -> Trainer:
+def prepared(raw: dict[str, Any] | Path, out: Path, overrides: list[str] | None = None) -> Trainer:
     cfg, base = load_config(raw, overrides or [])
     trainer = Trainer(cfg, base, out)
     trainer.prepare()
@@ -366,6 +366,61 @@ def test_a_streamed_run_with_users_items_and_pairs(tmp_path: Path, make_tables: 
     predictor = Predictor.load(result.run_dir)
     top = predictor.recommend(int(tables.interactions["user_id"].iloc[0]), k=5)
     assert len(top) == 5
+
+
+def _streamed_world(tmp_path: Path, make_tables: Any, config_dict: dict[str, Any], retrieval_label: str | None
+                    ) -> tuple[dict[str, Any], Tables]:
+    """The tiny world written to Parquet (row groups of 70), streamed, with a retrieval task."""
+    tables: Tables = make_tables(n=600)
+    for name, table in (("users", tables.users), ("items", tables.items), ("pairs", tables.item_pairs),
+                        ("interactions", tables.interactions)):
+        assert table is not None
+        write_parquet(table, tmp_path / f"{name}.parquet", 70)
+    config_dict["features"] = [f for f in config_dict["features"] if f["type"] != "sequence"]
+    config_dict["data"] |= {"stream": True, "stream_buffer_rows": 128}
+    config_dict["tasks"].append({"name": "retrieve", "kind": "retrieval", "label": retrieval_label, "dim": 8})
+    config_dict["model"] = SMALL_MODEL
+    config_dict["train"] = {"epochs": 1, "batch_size": 64, "progress": False, "threads": 1}
+    (tmp_path / "config.yaml").write_text(json.dumps(config_dict))
+    return config_dict, tables
+
+
+@pytest.mark.parametrize("label", ["click", None])
+def test_streamed_retrieval_labels_equal_the_in_memory_log_q(tmp_path: Path, make_tables: Any,
+                                                             config_dict: dict[str, Any], label: str | None) -> None:
+    # The log-Q correction needs each item's count among the positive training interactions before
+    # the first step: the stream counts them in one pass, and every chunk carries log q per row.
+    _, tables = _streamed_world(tmp_path, make_tables, config_dict, label)
+    trainer = prepared(tmp_path / "config.yaml", tmp_path / "run")
+    stream = trainer.stream
+    assert stream is not None and stream.catalogue.items is not None
+    inter = tables.interactions
+    parts = np.concatenate([stream.split.parts(g, None) for g in stream.log.groups])  # random split
+    items = stream.catalogue.items.rows_of(inter["item_id"])
+    positive = inter["click"].to_numpy() == 1 if label else np.ones(len(inter), dtype=bool)
+    counts = np.bincount(items[positive & (parts == 0)], minlength=stream.catalogue.items.num_rows)
+    expected = np.log(np.maximum(counts, 1.0) / counts.sum()).astype(np.float32)
+    np.testing.assert_array_equal(stream.item_log_q["retrieve"], expected)
+    start = 0
+    for group in stream.log.groups:
+        chunk = stream.encoded(group, 0)
+        rows = start + np.flatnonzero(stream.split.parts(group, None) == 0)
+        start += group.rows
+        np.testing.assert_array_equal(chunk.masks["retrieve"].numpy(), positive[rows])
+        np.testing.assert_array_equal(chunk.labels["retrieve"].numpy(), expected[items[rows]])
+
+
+def test_a_streamed_run_with_a_retrieval_task(tmp_path: Path, make_tables: Any, config_dict: dict[str, Any]) -> None:
+    _streamed_world(tmp_path, make_tables, config_dict, "click")
+    result = train(tmp_path / "config.yaml", tmp_path / "run")
+    test = result.metrics["tasks"]["retrieve"]["test"]
+    assert set(test) == {"recall@10", "recall@100", "mrr"} and 0 < test["mrr"] <= 1
+    assert set(result.history[0]["valid"]["retrieve"]) == {"recall@10", "recall@100", "mrr"}
+    # `mtlrec evaluate` streams the same positives and ranks them the same way.
+    again = evaluate_run(result.run_dir)["tasks"]["retrieve"]
+    assert again == pytest.approx(test, abs=1e-9)
+    predictor = Predictor.load(result.run_dir)
+    assert predictor.recommender.retrieval_vectors is not None  # two-stage serving, as in memory
 
 
 # ---------------------------------------------------------------------------------------------

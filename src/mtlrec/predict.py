@@ -29,7 +29,14 @@ from mtlrec.outputs import to_probabilities
 from mtlrec.recommend import Recommender, ServingState
 from mtlrec.serve.integrity import verify_manifest
 from mtlrec.training.checkpoint import load_tensors
-from mtlrec.training.evaluate import evaluate, metrics_of, predict_batches, predict_split, sources_with_tasks
+from mtlrec.training.evaluate import (
+    evaluate,
+    metrics_of,
+    predict_batches,
+    predict_split,
+    sources_with_tasks,
+    stream_retrieval_metrics,
+)
 
 OOV_ROW = -1
 """Entity row of an id the model has never seen."""
@@ -269,7 +276,9 @@ def evaluate_run(run_dir: str | Path, data_config: str | Path | None = None, par
         predictions = predict_split(model, data, schema.spec_, rows, batch_size, device)
         if "interactions" in sources:
             predictions.update(predict_batches(model, schema.spec_, stream.batches(part, batch_size), device))
-        return {"part": part, "tasks": metrics_of(predictions)}
+        metrics = metrics_of(predictions)
+        metrics.update(stream_retrieval_metrics(model, stream, schema.spec_, part, batch_size, device))
+        return {"part": part, "tasks": metrics}
     tables = load_tables(config, base_dir)
     split = split_tables(tables, config)
     data = schema.encode(tables, split)

@@ -72,6 +72,20 @@ def _add_labels(values: ValueCounts, task: TaskConfig, labels: pd.Series, name: 
         values.add(labels)
 
 
+def item_log_q(counts: np.ndarray) -> np.ndarray:
+    """float32 [I] log q of each item from its count among the positive training interactions
+    (q = count / total; an item without one counts once: its rows only reach evaluation)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return np.log(np.maximum(counts, 1.0) / max(float(counts.sum()), 1.0)).astype(np.float32)
+
+
+def _set_retrieval(source: SourceData, task: TaskConfig, log_q: np.ndarray, positive: np.ndarray) -> None:
+    """The retrieval task's label (log q of each row's item) and mask (its positive rows)."""
+    items = source.keys["item_key"].numpy().astype(np.int64)
+    source.labels[task.name] = torch.from_numpy(log_q[items] if items.size else np.zeros(0, np.float32))
+    source.masks[task.name] = torch.from_numpy(np.ascontiguousarray(positive))
+
+
 def _depth(task: TaskConfig, by_name: dict[str, TaskConfig]) -> int:
     depth = 0
     while task.after is not None:
@@ -408,28 +422,32 @@ class Schema:
 
         q is the probability that a positive interaction drawn at random is of that item: its count
         among the positive training interactions (every interaction given, without `split`) over
-        their number. The loss subtracts log q from each in-batch logit (log-Q correction, Yi et al.,
-        RecSys 2019), so popular items, which are in-batch negatives more often, are not over-penalised.
-        Items without a positive training interaction count once: their rows only reach evaluation.
+        their number (`item_log_q`). The loss subtracts log q from each in-batch logit (log-Q
+        correction, Yi et al., RecSys 2019), so popular items, which are in-batch negatives more
+        often, are not over-penalised.
         """
-        if task.label is None:
-            positive = np.ones(len(inter), dtype=bool)
-        elif task.label in inter.columns:
-            labels, mask = self.labels_[task.name].transform(inter[task.label])
-            positive = np.asarray(mask & (labels == 1.0))
-        else:  # prediction input without labels
-            positive = np.zeros(len(inter), dtype=bool)
+        positive = self.retrieval_positive(task, inter)
         items = source.keys["item_key"].numpy().astype(np.int64)
         counted = positive.copy()
         if split is not None:
             train = np.zeros(len(inter), dtype=bool)
             train[split.rows("interactions", "train")] = True
             counted &= train
-        counts = np.bincount(items[counted], minlength=int(items.max(initial=-1)) + 1).astype(np.float64)
-        total = max(float(counts.sum()), 1.0)
-        log_q = np.log(np.maximum(counts, 1.0) / total).astype(np.float32)
-        source.labels[task.name] = torch.from_numpy(log_q[items] if items.size else np.zeros(0, np.float32))
-        source.masks[task.name] = torch.from_numpy(positive)
+        counts = np.bincount(items[counted], minlength=int(items.max(initial=-1)) + 1)
+        _set_retrieval(source, task, item_log_q(counts), positive)
+
+    def retrieval_positive(self, task: TaskConfig, frame: pd.DataFrame) -> np.ndarray:
+        """bool [R]: the interactions of `frame` that are positive pairs of retrieval task `task`.
+
+        Every row when the task has no label column; none when its label column is absent from
+        `frame` (prediction input); else the rows labelled 1.
+        """
+        if task.label is None:
+            return np.ones(len(frame), dtype=bool)
+        if task.label not in frame.columns:
+            return np.zeros(len(frame), dtype=bool)
+        labels, mask = self.labels_[task.name].transform(frame[task.label])
+        return np.asarray(mask & (labels == 1.0))
 
     def encode_catalogue(self, tables: Tables) -> EncodedData:
         """Entity tables and the users / items / item_pairs rows, without the interactions (`data.stream`).
@@ -455,13 +473,16 @@ class Schema:
             source.labels, source.masks = self._labels(name, df)
         return EncodedData(self.spec_, users_table, items_table, sources)
 
-    def encode_interactions(self, frame: pd.DataFrame, data: EncodedData, label: str) -> SourceData:
+    def encode_interactions(self, frame: pd.DataFrame, data: EncodedData, label: str,
+                            log_q: Mapping[str, np.ndarray] | None = None) -> SourceData:
         """The rows of one chunk of interactions: entity keys, context fields, labels and masks.
 
         Args:
             frame: interaction rows; label columns may be absent (their masks are then False).
             data: `encode_catalogue`'s result, whose entity tables the keys point into.
             label: how errors refer to the chunk (file and row group).
+            log_q: per retrieval task, `item_log_q` of every item entity row, counted over all the
+                training interactions (a chunk alone does not give it; see `InteractionStream`).
 
         Raises:
             DataError: a value or label is invalid, or an id is unknown to the fitted schema
@@ -486,6 +507,10 @@ class Schema:
                 source.context[feat.name] = (torch.from_numpy(encoded) if feat.type == "numeric"
                                              else _narrow(encoded))
         source.labels, source.masks = self._labels("interactions", frame)
+        for task in cfg.tasks_of("retrieval"):
+            if log_q is None or task.name not in log_q:
+                raise ValueError(f"retrieval task '{task.name}': encode_interactions needs its item log q")
+            _set_retrieval(source, task, log_q[task.name], self.retrieval_positive(task, frame))
         return source
 
     def _item_entities(self, tables: Tables, sources: dict[str, SourceData],

@@ -22,6 +22,9 @@ memory depends on the row-group and buffer sizes, never on the number of rows.
   `state_dict()` records the steps taken, so training resumes mid-epoch exactly.
 - **Evaluation** (`InteractionStream.batches`): one part's rows in file order, for predictions;
   under several processes each rank predicts a contiguous run of row groups.
+- **Retrieval tasks**: their log-Q correction needs each item's frequency among the positive
+  training interactions before the first step; `InteractionStream` counts it in one pass over the
+  item id and label columns when it is built (`item_log_q`), and every encoded chunk carries it.
 
 Not streamable (the config refuses them): sequence features and the `leave_last_out` split,
 which need each user's whole log in time order.
@@ -316,6 +319,14 @@ class _Filling:
         return out
 
 
+def _take(source: SourceData, rows: torch.Tensor) -> SourceData:
+    """Rows `rows` of `source` (every field)."""
+    out = SourceData(len(rows))
+    for name in _FIELDS:
+        setattr(out, name, {key: t.index_select(0, rows) for key, t in getattr(source, name).items()})
+    return out
+
+
 def _size(bounds: tuple[int, int]) -> int:
     return bounds[1] - bounds[0]
 
@@ -362,6 +373,10 @@ class InteractionStream:
         batch_size: training rows per batch.
         buffer_rows: rows shuffled together (rounded up to whole batches).
         seed: the run's seed (row-group order and buffer shuffles).
+
+    Attributes:
+        item_log_q: per retrieval task, float32 log q of every item entity row (`item_log_q` of
+            `mtlrec.data.schema`), counted over the training rows when the stream is built.
     """
 
     def __init__(self, log: ParquetLog, split: StreamSplit, schema: Schema, catalogue: EncodedData,
@@ -379,6 +394,7 @@ class InteractionStream:
         self._epoch = 0
         self._position = 0
         self._world_size = 1
+        self.item_log_q = self._count_retrieval_items()
 
     # -- reading -------------------------------------------------------------------------------
     def chunk(self, group: RowGroup, part: int, columns: list[str] | None = None) -> pd.DataFrame:
@@ -396,7 +412,54 @@ class InteractionStream:
 
     def encoded(self, group: RowGroup, part: int) -> SourceData:
         """The rows of `group` in part `part`, encoded."""
-        return self.schema.encode_interactions(self.chunk(group, part), self.catalogue, self.log.label(group))
+        return self.schema.encode_interactions(self.chunk(group, part), self.catalogue, self.log.label(group),
+                                               self.item_log_q)
+
+    def _count_retrieval_items(self) -> dict[str, np.ndarray]:
+        """Each retrieval task's log q per item entity row, from one pass over the training rows'
+        item ids and labels (the counts `Schema.encode` takes from the whole table in memory)."""
+        from mtlrec.data.schema import item_log_q
+
+        tasks = self.schema.config.tasks_of("retrieval")
+        items = self.catalogue.items
+        item_id = self.schema.config.data.item_id
+        if not tasks or items is None or item_id is None:
+            return {}
+        labels = [t.label for t in tasks if t.label is not None and t.label in self.log.columns]
+        columns = list(dict.fromkeys([item_id, *labels]))
+        counts = {t.name: np.zeros(items.num_rows, dtype=np.int64) for t in tasks}
+        train = PARTS.index("train")
+        for g, group in enumerate(self.log.groups):
+            if not self.split.counts[g, train]:
+                continue
+            frame = self.chunk(group, train, columns)
+            keys = items.rows_of(frame[item_id])
+            for task in tasks:
+                counts[task.name] += np.bincount(keys[self.schema.retrieval_positive(task, frame)],
+                                                 minlength=items.num_rows)
+        return {name: item_log_q(c) for name, c in counts.items()}
+
+    def positives(self, part: str, task: str, limit: int) -> EncodedData:
+        """The first `limit` rows of `part`, in file order, that are positives of retrieval task
+        `task`, encoded (retrieval metrics rank the catalogue for each)."""
+        code = PARTS.index(part)
+        pieces: list[SourceData] = []
+        taken = 0
+        for g, group in enumerate(self.log.groups):
+            if taken >= limit:
+                break
+            if not self.split.counts[g, code]:
+                continue
+            source = self.encoded(group, code)
+            rows = torch.from_numpy(np.flatnonzero(source.masks[task].numpy())[:limit - taken])
+            if len(rows):
+                pieces.append(_take(source, rows))
+                taken += len(rows)
+        source = SourceData(taken)
+        for name in _FIELDS:
+            fields = [getattr(piece, name) for piece in pieces]
+            setattr(source, name, {key: torch.cat([f[key] for f in fields]) for key in fields[0]} if fields else {})
+        return EncodedData(self.catalogue.spec, self.catalogue.users, self.catalogue.items, {"interactions": source})
 
     # -- training ------------------------------------------------------------------------------
     def group_order(self, epoch: int) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from mtlrec.data.spec import SOURCE_OF_KIND, InputSpec, TaskSpec
 from mtlrec.metrics import PRIMARY_METRIC, higher_is_better, task_metrics
 from mtlrec.models.model import RecModel
 from mtlrec.outputs import to_probabilities
+
+if TYPE_CHECKING:
+    from mtlrec.data.stream import InteractionStream
 
 RETRIEVAL_KS = (10, 100)
 """Cut-offs of the retrieval task's recall@K (`PRIMARY_METRIC['retrieval']` is one of them)."""
@@ -145,6 +149,19 @@ def retrieval_metrics(model: RecModel, data: EncodedData, spec: InputSpec, rows:
     out = {f"recall@{k}": float(np.mean(rank < k)) for k in RETRIEVAL_KS}
     out["mrr"] = float(np.mean(1.0 / (rank + 1.0)))
     return {task.name: out}
+
+
+def stream_retrieval_metrics(model: RecModel, stream: InteractionStream, spec: InputSpec, part: str,
+                             batch_size: int, device: torch.device,
+                             max_rows: int = 2000) -> dict[str, dict[str, float]]:
+    """`retrieval_metrics` of streamed interactions (`data.stream`): over the first `max_rows`
+    positive rows of `part` in file order, read row group by row group."""
+    tasks = spec.tasks_of("retrieval")
+    if not tasks:
+        return {}
+    data = stream.positives(part, tasks[0].name, max_rows)
+    rows = np.arange(data.num_rows("interactions"))
+    return retrieval_metrics(model, data, spec, rows, batch_size, device, max_rows)
 
 
 def selection_score(metrics: Mapping[str, Mapping[str, float]], spec: InputSpec, metric: str) -> float:

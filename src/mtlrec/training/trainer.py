@@ -44,6 +44,7 @@ from mtlrec.training.evaluate import (
     retrieval_metrics,
     selection_score,
     sources_with_tasks,
+    stream_retrieval_metrics,
 )
 from mtlrec.training.logging import RunLogger
 from mtlrec.training.losses import task_losses
@@ -177,9 +178,6 @@ class Trainer:
                               f"it must be >= {world}, got {cfg.train.batch_size}")
         self.stream: InteractionStream | None = None
         if cfg.data.stream:
-            if cfg.tasks_of("retrieval"):
-                raise ConfigError("data.stream: a retrieval task needs every interaction's item frequency before "
-                                  "training, which streamed interactions do not give yet; set data.stream: false")
             self._prepare_stream(resume)
         else:
             tables: Tables = load_tables(cfg, self.base_dir, self.given_tables)
@@ -269,6 +267,14 @@ class Trainer:
         self.stream = InteractionStream(log, interaction_split, self.schema, self.data, cfg.train.batch_size,
                                         cfg.data.stream_buffer_rows, cfg.train.seed)
         release_freed_memory()  # the fit pass's row groups are gone; training should not carry their heap
+
+    def _retrieval_metrics(self, part: str) -> dict[str, dict[str, float]]:
+        """The retrieval task's recall@K and MRR on `part` (in memory or streamed)."""
+        size = self.config.train.eval_batch_size
+        if self.stream is not None:
+            return stream_retrieval_metrics(self.model, self.stream, self.spec, part, size, self.device)
+        return retrieval_metrics(self.model, self.data, self.spec, self._rows(part).get("interactions"), size,
+                                 self.device)
 
     def _rows(self, part: str) -> dict[str, np.ndarray]:
         """Rows of `part` of every source held in memory (streamed interactions are read as they go)."""
@@ -477,8 +483,7 @@ class Trainer:
         has_valid = any(self._num_rows(source, "valid") for source in self.sources)
         valid = metrics_of(self._predict("valid")) if has_valid else {}
         if has_valid:
-            valid.update(retrieval_metrics(self.model, self.data, self.spec, self._rows("valid").get("interactions"),
-                                           cfg.train.eval_batch_size, self.device))
+            valid.update(self._retrieval_metrics("valid"))
         metric = cfg.train.early_stopping.metric if cfg.train.early_stopping else "auto"
         score = selection_score(valid, self.spec, metric) if valid else float("nan")
         p = self.progress
@@ -527,8 +532,7 @@ class Trainer:
             metrics_text = (self.out_dir / "metrics.json").read_text(encoding="utf-8")
             return TrainResult(self.out_dir, json.loads(metrics_text), self.progress.history)
         test = metrics_of(predictions)
-        test.update(retrieval_metrics(self.model, self.data, self.spec, self._rows("test").get("interactions"),
-                                      cfg.train.eval_batch_size, self.device))
+        test.update(self._retrieval_metrics("test"))
         self.diagnostics.on_fit_end(predictions)
         valid = self.progress.history[self.progress.best_epoch - 1]["valid"] if self.progress.history else {}
         from mtlrec.recommend import (
