@@ -175,6 +175,10 @@ def test_inference_path_equals_the_autograd_path(backbone: str) -> None:
     assert with_grad.keys() == without.keys()
     for name in with_grad:
         torch.testing.assert_close(without[name], with_grad[name].detach(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes: the fused path
+        autocast = model(batch)
+    for name in with_grad:
+        torch.testing.assert_close(autocast[name].float(), with_grad[name].detach(), rtol=0.1, atol=0.1)
 
 
 @pytest.mark.parametrize("sparse", [False, True])
