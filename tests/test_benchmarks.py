@@ -121,7 +121,7 @@ def test_speed_benchmark_end_to_end_on_a_tiny_log(tmp_path: Path) -> None:
     assert set(mmoe["auc"]) == {"click", "purchase"}
     assert set(mmoe["auc_vs_reference"]) == set(mmoe["auc_vs_reference_same_init"]) == {"click", "purchase"}
     for key in ("dynamo_import_mb", "rss_after_prepare_mb", "gradients_mb", "file_rss_growth_mb",
-                "freed_resident_after_training_mb", "training_growth_mb"):
+                "freed_resident_after_training_mb", "training_growth_mb", "infer_page_faults_per_batch"):
         assert key in mmoe, key
     reference = result["reference"]
     for key in ("training_growth_mb", "rss_before_training_mb", "parameters_mb", "optimizer_state_mb"):

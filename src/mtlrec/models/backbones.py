@@ -110,11 +110,11 @@ class Experts(nn.Module):
         """`forward` in inference (eval, no autograd, no autocast), expert by expert, into one [E, B, H] output.
 
         Inference batches are large: at B = 4096 the fused first layer's [B, E*H1] output of the
-        speed benchmark's MMoE is 32 MiB, above the largest block glibc keeps for reuse, so every
-        call maps it fresh and page-faults it in (4,000-12,000 faults a forward pass), and its
-        transposed view then feeds a strided batched matmul. Expert by expert the buffers are
-        [B, H1], reused from the heap, and the last layer writes straight into its slice of the
-        output: the MMoE's forward pass at B = 4096 takes about a tenth less time (48-50 -> 43-45 ms).
+        speed benchmark's MMoE is 32 MiB, above the largest block glibc keeps for reuse, so calls
+        map it fresh and page-fault it in, and its transposed view then feeds a strided batched
+        matmul. Expert by expert the buffers are [B, H1], reused from the heap, and the last layer
+        writes straight into its slice of the output (speed benchmark, MMoE inference: 84-88k ->
+        92-98k samples/s; docs/benchmarks.md).
         """
         E = self.num_experts
         out = x.new_empty(E, x.shape[-2], self.out_dim)
