@@ -123,7 +123,8 @@ class Experts(nn.Module):
             h = x if x.dim() == 2 else x[e]  # [B, Din]
             for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
                 weight = w[:, e] if i == 0 else w[e]  # [H(i-1), Hi]
-                h = torch.relu_(torch.addmm(b[e], h, weight, out=out[e]) if i == last else torch.addmm(b[e], h, weight))
+                y = torch.addmm(b[e], h, weight, out=out[e]) if i == last else torch.addmm(b[e], h, weight)
+                h = torch.relu_(y)
         return out
 
 
