@@ -345,19 +345,28 @@ def test_a_streamed_run_resumes_mid_epoch_exactly(ctr_log: Path, tmp_path: Path)
         assert torch.equal(a[key], b[key]), key
 
 
-def test_a_streamed_run_with_users_items_and_pairs(tmp_path: Path, make_tables: Any,
-                                                   config_dict: dict[str, Any]) -> None:
+def streamed_world(tmp_path: Path, make_tables: Any, config_dict: dict[str, Any], data: dict[str, Any],
+                   tasks: list[dict[str, Any]]) -> Tables:
+    """The tiny world written to Parquet (row groups of 70) and its config (`tmp_path/config.yaml`),
+    streamed, with `data` keys and `tasks` added."""
     tables: Tables = make_tables(n=600)
     for name, table in (("users", tables.users), ("items", tables.items), ("pairs", tables.item_pairs),
                         ("interactions", tables.interactions)):
         assert table is not None
         write_parquet(table, tmp_path / f"{name}.parquet", 70)
     config_dict["features"] = [f for f in config_dict["features"] if f["type"] != "sequence"]
-    config_dict["data"] |= {"stream": True, "stream_buffer_rows": 128,
-                            "split": {"method": "time", "valid": 0.15, "test": 0.2}}
+    config_dict["data"] |= {"stream": True, "stream_buffer_rows": 128, **data}
+    config_dict["tasks"] += tasks
     config_dict["model"] = SMALL_MODEL
     config_dict["train"] = {"epochs": 1, "batch_size": 64, "progress": False, "threads": 1}
     (tmp_path / "config.yaml").write_text(json.dumps(config_dict))
+    return tables
+
+
+def test_a_streamed_run_with_users_items_and_pairs(tmp_path: Path, make_tables: Any,
+                                                   config_dict: dict[str, Any]) -> None:
+    split = {"method": "time", "valid": 0.15, "test": 0.2}
+    tables = streamed_world(tmp_path, make_tables, config_dict, {"split": split}, [])
     result = train(tmp_path / "config.yaml", tmp_path / "run")
     metrics = result.metrics
     assert set(metrics["tasks"]) == {"click", "buy", "rating", "segment", "genre", "topics", "relation"}
@@ -368,21 +377,8 @@ def test_a_streamed_run_with_users_items_and_pairs(tmp_path: Path, make_tables: 
     assert len(top) == 5
 
 
-def _streamed_world(tmp_path: Path, make_tables: Any, config_dict: dict[str, Any], retrieval_label: str | None
-                    ) -> tuple[dict[str, Any], Tables]:
-    """The tiny world written to Parquet (row groups of 70), streamed, with a retrieval task."""
-    tables: Tables = make_tables(n=600)
-    for name, table in (("users", tables.users), ("items", tables.items), ("pairs", tables.item_pairs),
-                        ("interactions", tables.interactions)):
-        assert table is not None
-        write_parquet(table, tmp_path / f"{name}.parquet", 70)
-    config_dict["features"] = [f for f in config_dict["features"] if f["type"] != "sequence"]
-    config_dict["data"] |= {"stream": True, "stream_buffer_rows": 128}
-    config_dict["tasks"].append({"name": "retrieve", "kind": "retrieval", "label": retrieval_label, "dim": 8})
-    config_dict["model"] = SMALL_MODEL
-    config_dict["train"] = {"epochs": 1, "batch_size": 64, "progress": False, "threads": 1}
-    (tmp_path / "config.yaml").write_text(json.dumps(config_dict))
-    return config_dict, tables
+def retrieval_task(label: str | None) -> dict[str, Any]:
+    return {"name": "retrieve", "kind": "retrieval", "label": label, "dim": 8}
 
 
 @pytest.mark.parametrize("label", ["click", None])
@@ -390,7 +386,7 @@ def test_streamed_retrieval_labels_equal_the_in_memory_log_q(tmp_path: Path, mak
                                                              config_dict: dict[str, Any], label: str | None) -> None:
     # The log-Q correction needs each item's count among the positive training interactions before
     # the first step: the stream counts them in one pass, and every chunk carries log q per row.
-    _, tables = _streamed_world(tmp_path, make_tables, config_dict, label)
+    tables = streamed_world(tmp_path, make_tables, config_dict, {}, [retrieval_task(label)])
     trainer = prepared(tmp_path / "config.yaml", tmp_path / "run")
     stream = trainer.stream
     assert stream is not None and stream.catalogue.items is not None
@@ -411,7 +407,7 @@ def test_streamed_retrieval_labels_equal_the_in_memory_log_q(tmp_path: Path, mak
 
 
 def test_a_streamed_run_with_a_retrieval_task(tmp_path: Path, make_tables: Any, config_dict: dict[str, Any]) -> None:
-    _streamed_world(tmp_path, make_tables, config_dict, "click")
+    streamed_world(tmp_path, make_tables, config_dict, {}, [retrieval_task("click")])
     result = train(tmp_path / "config.yaml", tmp_path / "run")
     test = result.metrics["tasks"]["retrieve"]["test"]
     assert set(test) == {"recall@10", "recall@100", "mrr"} and 0 < test["mrr"] <= 1
