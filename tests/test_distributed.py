@@ -419,3 +419,27 @@ def test_streamed_rank_killed_mid_epoch_then_resumed_loses_nothing(stream_world:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
     assert json.loads((out / "metrics.json").read_text())["tasks"] == \
         json.loads((reference / "metrics.json").read_text())["tasks"]
+
+
+def test_streamed_retrieval_on_two_processes(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A retrieval task on streamed interactions: both replicas count the same log q, train on
+    their own rows, and the run's retrieval metrics equal one process's."""
+    folder = tmp_path_factory.mktemp("stream_retrieval")
+    tables = tiny_tables()
+    assert tables.users is not None and tables.items is not None and tables.item_pairs is not None
+    tables.interactions.to_parquet(folder / "interactions.parquet", row_group_size=90)
+    tables.users.to_parquet(folder / "users.parquet")
+    tables.items.to_parquet(folder / "items.parquet")
+    tables.item_pairs.to_parquet(folder / "pairs.parquet")
+    raw = tiny_config_dict()
+    raw["features"] = [f for f in raw["features"] if f["type"] != "sequence"]
+    raw["tasks"].append({"name": "retrieve", "kind": "retrieval", "label": "click", "dim": 8})
+    (folder / "config.yaml").write_text(yaml.safe_dump(raw))
+    overrides = [o for o in OVERRIDES if not o.startswith("train.diagnostics_every")] + \
+        ["data.stream=true", "data.stream_buffer_rows=93", "train.diagnostics_every=0"]
+    run = _two_process_run(folder / "config.yaml", folder / "run", [], overrides)
+    metrics = json.loads((run / "metrics.json").read_text())["tasks"]
+    assert set(metrics["retrieve"]["test"]) == {"recall@10", "recall@100", "mrr"}
+    single = evaluate_run(run, None, "test")["tasks"]
+    for task, entry in metrics.items():
+        assert _same_metrics(entry["test"], single[task]), task
