@@ -91,8 +91,9 @@ def _primary(task_type: str) -> str:
 
 def run_dataset(name: str, path: Path, seeds: Sequence[int], budget: str, work: Path, threads: int | None,
                 models: Sequence[str] | None = None, log: Any = sys.stderr,
-                reports: Path | None = None) -> dict[str, Any]:
-    """Train every model of dataset `name` over `seeds`; returns the runs and the summary."""
+                reports: Path | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Train every model of dataset `name` over `seeds` (config overrides `extra` on every run);
+    returns the runs and the summary."""
     bench = DATASETS[name]
     chosen = tuple(m for m in bench.models if models is None or m in models)
     runs: list[dict[str, Any]] = []
@@ -113,6 +114,7 @@ def run_dataset(name: str, path: Path, seeds: Sequence[int], budget: str, work: 
                 overrides.append(f"train.threads={threads}")
             if budget == "tiny":
                 overrides += TINY
+            overrides += extra
             started = time.perf_counter()
             result = train(config_path, work / name / f"run-{model}-{seed}", overrides, progress=False)
             seconds = time.perf_counter() - started
@@ -266,6 +268,8 @@ def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.
     parser.add_argument("--path", action="append", default=[], metavar="NAME=DIR",
                         help="folder of one dataset, overriding the data root (repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (train.threads)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run, e.g. model.embedding_init_std=0.25 (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="write accuracy.md and accuracy.json here")
     parser.add_argument("--keep-runs", action="store_true",
                         help="keep the run directories under OUT/runs (each seed's report.html is kept anyway)")
@@ -313,7 +317,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             path = paths.get(name, args.data_root / DATASETS[name].folder)
             t0 = time.perf_counter()
             result = run_dataset(name, path, range(args.seeds), args.budget, work, args.threads, args.models,
-                                 reports=args.out / "reports" if args.out is not None else None)
+                                 reports=args.out / "reports" if args.out is not None else None, extra=args.set)
             result["wall_seconds"] = round(time.perf_counter() - t0, 1)
             results.append(result)
     wall = time.perf_counter() - started

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import yaml
 
 from test_datasets import write_census, write_ml100k
 
@@ -60,8 +61,10 @@ def test_accuracy_benchmark_end_to_end_on_tiny_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = accuracy.main(["--datasets", "census_income", "movielens", "--seeds", "2", "--budget", "tiny",
                           "--path", f"census_income={census}", "--path", f"movielens={movielens}",
-                          "--threads", "1", "--out", str(out)])
+                          "--threads", "1", "--out", str(out), "--keep-runs", "--set", "model.embedding_init_std=0.05"])
     assert code == 0
+    run_config = yaml.safe_load((out / "runs" / "census_income" / "run-mmoe-0" / "config.yaml").read_text())
+    assert run_config["model"]["embedding_init_std"] == 0.05  # --set reaches every run
     text = (out / "accuracy.md").read_text()
     assert "**census_income**" in text and "**movielens**" in text
     assert "50/25/25" in text  # the caption says how Census-Income was split

@@ -37,3 +37,14 @@ def test_demo_command_rejects_bad_option(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--epochs", "many"])
     assert exit_info.value.code == 2
+
+
+def test_demo_command_passes_config_overrides_to_both_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mtlrec.demo
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(mtlrec.demo, "run_demo", lambda out, **kwargs: seen.update(kwargs, out=out))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(tmp_path), "--seed", "2", "model.embedding_init_std=0.25", "train.epochs=1"])
+    assert exit_info.value.code == 0
+    assert seen["overrides"] == ["model.embedding_init_std=0.25", "train.epochs=1"] and seen["seed"] == 2

@@ -29,11 +29,13 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the data, the runs and report.json.")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Seed of the synthetic world and of training.")] = 0,
     epochs: Annotated[int | None, typer.Option(help="Epochs per model (default: the demo's own).")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="key=value config overrides for both models, e.g. model.embedding_init_std=0.25")] = None,
 ) -> None:
     """Generate the synthetic world, train multi-task (PLE) and single-task models, compare with the oracle."""
     from mtlrec.demo import run_demo
 
-    run_demo(out, seed=seed, epochs=epochs, console=out_console)
+    run_demo(out, seed=seed, epochs=epochs, console=out_console, overrides=overrides or [])
 
 
 @app.command()
