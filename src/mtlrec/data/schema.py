@@ -426,7 +426,7 @@ class Schema:
         correction, Yi et al., RecSys 2019), so popular items, which are in-batch negatives more
         often, are not over-penalised.
         """
-        positive = self.retrieval_positive(task, inter)
+        positive = self.positive_mask(task, inter)
         items = source.keys["item_key"].numpy().astype(np.int64)
         counted = positive.copy()
         if split is not None:
@@ -436,12 +436,10 @@ class Schema:
         counts = np.bincount(items[counted], minlength=int(items.max(initial=-1)) + 1)
         _set_retrieval(source, task, item_log_q(counts), positive)
 
-    def retrieval_positive(self, task: TaskConfig, frame: pd.DataFrame) -> np.ndarray:
-        """bool [R]: the interactions of `frame` that are positive pairs of retrieval task `task`.
-
-        Every row when the task has no label column; none when its label column is absent from
-        `frame` (prediction input); else the rows labelled 1.
-        """
+    def positive_mask(self, task: TaskConfig, frame: pd.DataFrame) -> np.ndarray:
+        """bool [R]: the interactions of `frame` labelled 1 by binary task `task` (a retrieval task
+        without a label column: every row); none when its label column is absent from `frame`
+        (prediction input)."""
         if task.label is None:
             return np.ones(len(frame), dtype=bool)
         if task.label not in frame.columns:
@@ -510,7 +508,7 @@ class Schema:
         for task in cfg.tasks_of("retrieval"):
             if log_q is None or task.name not in log_q:
                 raise ValueError(f"retrieval task '{task.name}': encode_interactions needs its item log q")
-            _set_retrieval(source, task, log_q[task.name], self.retrieval_positive(task, frame))
+            _set_retrieval(source, task, log_q[task.name], self.positive_mask(task, frame))
         return source
 
     def _item_entities(self, tables: Tables, sources: dict[str, SourceData],

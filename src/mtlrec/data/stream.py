@@ -327,6 +327,15 @@ def _take(source: SourceData, rows: torch.Tensor) -> SourceData:
     return out
 
 
+def _concat(pieces: list[SourceData]) -> SourceData:
+    """The rows of `pieces`, one after the other (every field)."""
+    out = SourceData(sum(piece.num_rows for piece in pieces))
+    for name in _FIELDS:
+        fields = [getattr(piece, name) for piece in pieces]
+        setattr(out, name, {key: torch.cat([f[key] for f in fields]) for key in fields[0]} if fields else {})
+    return out
+
+
 def _size(bounds: tuple[int, int]) -> int:
     return bounds[1] - bounds[0]
 
@@ -417,27 +426,18 @@ class InteractionStream:
 
     def _count_retrieval_items(self) -> dict[str, np.ndarray]:
         """Each retrieval task's log q per item entity row, from one pass over the training rows'
-        item ids and labels (the counts `Schema.encode` takes from the whole table in memory)."""
+        ids and labels (the counts `Schema.encode` takes from the whole table in memory)."""
         from mtlrec.data.schema import item_log_q
 
-        tasks = self.schema.config.tasks_of("retrieval")
         items = self.catalogue.items
-        item_id = self.schema.config.data.item_id
-        if not tasks or items is None or item_id is None:
-            return {}
-        labels = [t.label for t in tasks if t.label is not None and t.label in self.log.columns]
-        columns = list(dict.fromkeys([item_id, *labels]))
-        counts = {t.name: np.zeros(items.num_rows, dtype=np.int64) for t in tasks}
-        train = PARTS.index("train")
-        for g, group in enumerate(self.log.groups):
-            if not self.split.counts[g, train]:
-                continue
-            frame = self.chunk(group, train, columns)
-            keys = items.rows_of(frame[item_id])
-            for task in tasks:
-                counts[task.name] += np.bincount(keys[self.schema.retrieval_positive(task, frame)],
-                                                 minlength=items.num_rows)
-        return {name: item_log_q(c) for name, c in counts.items()}
+        out: dict[str, np.ndarray] = {}
+        for task in self.schema.config.tasks_of("retrieval"):
+            assert items is not None  # the config requires ids for a retrieval task
+            counts = np.zeros(items.num_rows, dtype=np.int64)
+            for _, keys, positive in self.keys_and_labels("train", task.name):
+                counts += np.bincount(keys[positive], minlength=items.num_rows)
+            out[task.name] = item_log_q(counts)
+        return out
 
     def positives(self, part: str, task: str, limit: int) -> EncodedData:
         """The first `limit` rows of `part`, in file order, that are positives of retrieval task
@@ -455,11 +455,8 @@ class InteractionStream:
             if len(rows):
                 pieces.append(_take(source, rows))
                 taken += len(rows)
-        source = SourceData(taken)
-        for name in _FIELDS:
-            fields = [getattr(piece, name) for piece in pieces]
-            setattr(source, name, {key: torch.cat([f[key] for f in fields]) for key in fields[0]} if fields else {})
-        return EncodedData(self.catalogue.spec, self.catalogue.users, self.catalogue.items, {"interactions": source})
+        return EncodedData(self.catalogue.spec, self.catalogue.users, self.catalogue.items,
+                           {"interactions": _concat(pieces)})
 
     # -- training ------------------------------------------------------------------------------
     def group_order(self, epoch: int) -> np.ndarray:
@@ -626,27 +623,25 @@ class InteractionStream:
 
     def keys_and_labels(self, part: str, task: str | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(user key, item key, positive) int64/int64/bool [R] of every row of `part`, row group by row
-        group; positive is True where binary interaction task `task` has label 1 (all False without one).
+        group; positive is True where binary task `task` has label 1 (`Schema.positive_mask`; all
+        False without a task).
 
-        Reads only the id and label columns (serving state, ranking report).
+        Reads only the id and label columns (serving state, ranking report, retrieval's log q).
         """
         cfg = self.schema.config.data
         users, items = self.catalogue.users, self.catalogue.items
         if cfg.user_id is None or cfg.item_id is None or users is None or items is None:
             return
-        label = None
-        if task is not None:
-            label = next(t.label for t in self.schema.config.tasks if t.name == task)
+        chosen = next((t for t in self.schema.config.tasks if t.name == task), None) if task is not None else None
+        label = chosen.label if chosen is not None else None
         columns = [cfg.user_id, cfg.item_id] + ([label] if label is not None and label in self.log.columns else [])
         code = PARTS.index(part)
         for g, group in enumerate(self.log.groups):
             if not self.split.counts[g, code]:
                 continue
             frame = self.chunk(group, code, columns)
-            positive = np.zeros(len(frame), dtype=bool)
-            if task is not None and label in frame.columns:
-                values, mask = self.schema.labels_[task].transform(frame[label])
-                positive = mask & (values > 0.5)
+            positive = (self.schema.positive_mask(chosen, frame) if chosen is not None
+                        else np.zeros(len(frame), dtype=bool))
             yield users.rows_of(frame[cfg.user_id]), items.rows_of(frame[cfg.item_id]), positive
 
 
