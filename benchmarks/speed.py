@@ -445,8 +445,9 @@ def _reference(data: Path, threads: int, seeds: int = 3) -> dict[str, Any]:
             loss.backward()
             optimizer.step()
         train_rate = len(train_rows) / (time.perf_counter() - started)
+        peak = high_water_mb()
         memory = {"rss_after_imports_mb": rss_imports, "rss_before_training_mb": rss_before,
-                  "peak_rss_training_mb": high_water_mb(),
+                  "peak_rss_training_mb": peak, "training_growth_mb": peak - rss_before,
                   "encoded_data_mb": _tensor_mb([cats, dense, click, joint]),
                   "parameters_mb": _tensor_mb(list(model.parameters())),
                   "optimizer_state_mb": _tensor_mb(optimizer.state_dict()["state"])}
@@ -603,7 +604,6 @@ def _benchmark(args: argparse.Namespace, models: list[str], work: Path) -> int:
               ", ".join(f"{t} {a:.4f} (spread {ref['auc_spread'][t]:.4f}: "
                         + " / ".join(f"{x:.4f}" for x in ref["auc_by_seed"][t]) + ")"
                         for t, a in ref["auc"].items()), flush=True)
-        ref["training_growth_mb"] = ref["peak_rss_training_mb"] - ref["rss_before_training_mb"]
         print(f"    reference RSS: before training {ref['rss_before_training_mb']:.0f} MB, peak while training "
               f"{ref['peak_rss_training_mb']:.0f} MB: the epoch adds {ref['training_growth_mb']:.0f} MB to "
               f"parameters of {ref['parameters_mb']:.0f} MB (Adam's state {ref['optimizer_state_mb']:.0f} MB)",
